@@ -1,0 +1,601 @@
+"""One dataclass tree for every knob of mimo_ray, loadable from YAML presets and overridable from the CLI.
+
+Presets live in ``mimo_ray/configs/<name>.yaml``; a preset may name another with ``base:`` and only state what
+differs. Unknown keys are errors. Overrides are dotted (``--train.lr=1e-4`` / ``train.lr=1e-4``) or use the
+Megatron-style aliases in :data:`FLAG_ALIASES` (``--num-layers 4``).
+
+    cfg = load_config("tiny", ["model.lm.num_layers=4", "--num-frames", "8"])
+    save_config(cfg, "run/config.yaml"); assert load_config("run/config.yaml") == cfg
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PRESET_DIR = Path(__file__).parent / "configs"
+MODALITIES = ("video", "audio", "images")
+
+
+def _check_choice(name: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not allowed; choose one of {', '.join(map(str, allowed))}")
+
+
+def _check_positive(obj: Any, *names: str, allow_zero: bool = False) -> None:
+    prefix = getattr(obj, "_path", type(obj).__name__)
+    for name in names:
+        value = getattr(obj, name)
+        if value is None:
+            continue
+        if value < 0 or (value == 0 and not allow_zero):
+            bound = ">= 0" if allow_zero else "> 0"
+            raise ValueError(f"{prefix}.{name}={value!r} is not allowed; must be {bound}")
+
+
+@dataclass
+class LMConfig:
+    """Megatron GPTModel shape."""
+
+    _path = "model.lm"
+    num_layers: int = 2
+    hidden_size: int = 64
+    num_attention_heads: int = 4
+    num_query_groups: int | None = None
+    ffn_hidden_size: int | None = None
+    vocab_size: int = 384
+    seq_length: int = 192
+    position_embedding_type: str = "rope"
+    normalization: str = "LayerNorm"
+    swiglu: bool = False
+    add_bias_linear: bool = True
+    untie_embeddings_and_output_weights: bool = False
+    rotary_base: int = 10000
+
+    def __post_init__(self) -> None:
+        _check_positive(self, "num_layers", "hidden_size", "num_attention_heads", "vocab_size", "seq_length")
+        _check_positive(self, "ffn_hidden_size", "num_query_groups")
+        _check_choice("model.lm.position_embedding_type", self.position_embedding_type, ("rope", "learned_absolute"))
+        _check_choice("model.lm.normalization", self.normalization, ("LayerNorm", "RMSNorm"))
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"model.lm.hidden_size={self.hidden_size} must be divisible by "
+                f"model.lm.num_attention_heads={self.num_attention_heads}"
+            )
+
+
+@dataclass
+class VisionConfig:
+    """CLIP ViT applied per frame, pooled to ``tokens_per_frame`` and projected to the LM width."""
+
+    _path = "model.vision"
+    backbone_type: str = "clip"
+    num_layers: int = 2
+    hidden_size: int = 64
+    num_attention_heads: int = 4
+    ffn_hidden_size: int | None = None
+    patch_dim: int = 8
+    img_size: int = 32
+    num_frames: int = 4
+    tokens_per_frame: int = 4
+    projector_type: str = "mlp"
+    projector_ffn_hidden_size: int | None = None
+
+    def __post_init__(self) -> None:
+        _check_choice("model.vision.backbone_type", self.backbone_type, ("clip",))
+        _check_choice("model.vision.projector_type", self.projector_type, ("mlp", "affine"))
+        _check_positive(self, "num_layers", "hidden_size", "num_attention_heads", "patch_dim", "img_size")
+        _check_positive(self, "num_frames", "tokens_per_frame", "ffn_hidden_size", "projector_ffn_hidden_size")
+        if self.img_size % self.patch_dim:
+            raise ValueError(
+                f"model.vision.img_size={self.img_size} must be divisible by model.vision.patch_dim={self.patch_dim}"
+            )
+        grid = self.img_size // self.patch_dim
+        side = round(self.tokens_per_frame**0.5)
+        if side * side != self.tokens_per_frame or side > grid:
+            raise ValueError(
+                f"model.vision.tokens_per_frame={self.tokens_per_frame} must be a square number <= the patch grid "
+                f"{grid}x{grid}={grid * grid}"
+            )
+
+    @property
+    def grid(self) -> int:
+        """Patches per side of a frame."""
+        return self.img_size // self.patch_dim
+
+
+@dataclass
+class AudioConfig:
+    """Whisper-style (log-mel + convs) or BEATs-style (fbank patches) encoder, pooled to ``audio_seq_len``."""
+
+    _path = "model.audio"
+    backbone_type: str = "whisper"
+    num_layers: int = 2
+    hidden_size: int = 64
+    num_attention_heads: int = 4
+    ffn_hidden_size: int | None = None
+    sample_rate: int = 16000
+    clip_seconds: float = 2.0
+    n_mels: int = 80
+    hop_length: int = 160
+    n_fft: int = 400
+    fbank_bins: int = 128
+    patch_size: int = 16
+    audio_seq_len: int = 8
+    projector_type: str = "mlp"
+    projector_ffn_hidden_size: int | None = None
+
+    def __post_init__(self) -> None:
+        _check_choice("model.audio.backbone_type", self.backbone_type, ("whisper", "beats"))
+        _check_choice("model.audio.projector_type", self.projector_type, ("mlp", "affine"))
+        _check_positive(self, "num_layers", "hidden_size", "num_attention_heads", "sample_rate", "clip_seconds")
+        _check_positive(self, "n_mels", "hop_length", "n_fft", "fbank_bins", "patch_size", "audio_seq_len")
+        if self.audio_seq_len > self.max_audio_tokens:
+            raise ValueError(
+                f"model.audio.audio_seq_len={self.audio_seq_len} exceeds the {self.max_audio_tokens} positions the "
+                f"{self.backbone_type} encoder produces for {self.clip_seconds} s of audio"
+            )
+
+    @property
+    def num_samples(self) -> int:
+        """Waveform samples per clip at ``sample_rate``."""
+        return int(round(self.clip_seconds * self.sample_rate))
+
+    @property
+    def num_input_frames(self) -> int:
+        """Spectrogram frames per clip (Whisper: centred STFT minus the last frame; BEATs: 25 ms / 10 ms Kaldi)."""
+        if self.backbone_type == "whisper":
+            return self.num_samples // self.hop_length
+        win = int(0.025 * self.sample_rate)
+        shift = int(0.010 * self.sample_rate)
+        return 1 + (self.num_samples - win) // shift
+
+    @property
+    def max_audio_tokens(self) -> int:
+        """Encoder sequence length before pooling."""
+        if self.backbone_type == "whisper":
+            return (self.num_input_frames - 1) // 2 + 1
+        return (self.num_input_frames // self.patch_size) * (self.fbank_bins // self.patch_size)
+
+
+@dataclass
+class ModelConfig:
+    """The MIMO model: LM, encoders, attention backend, precision and the special tokens."""
+
+    _path = "model"
+    lm: LMConfig = field(default_factory=LMConfig)
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    audio: AudioConfig = field(default_factory=AudioConfig)
+    modalities: list[str] = field(default_factory=lambda: ["video", "audio"])
+    special_token_ids: dict[str, int] = field(default_factory=lambda: {"video": 261, "audio": 262, "images": 263})
+    attention_backend: str = "sdpa"
+    params_dtype: str = "fp32"
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    init_method_std: float = 0.02
+    recompute: bool = False
+
+    def __post_init__(self) -> None:
+        _check_choice("model.attention_backend", self.attention_backend, ("sdpa", "local", "te"))
+        _check_choice("model.params_dtype", self.params_dtype, ("fp32", "bf16", "fp16"))
+        for mod in self.modalities:
+            _check_choice("model.modalities[]", mod, MODALITIES)
+            if mod not in self.special_token_ids:
+                raise ValueError(f"model.special_token_ids has no id for modality {mod!r}")
+            tok = self.special_token_ids[mod]
+            if not 0 <= tok < self.lm.vocab_size:
+                raise ValueError(
+                    f"model.special_token_ids.{mod}={tok} is outside the vocabulary [0, {self.lm.vocab_size})"
+                )
+        ids = [self.special_token_ids[m] for m in self.modalities]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"model.special_token_ids must be distinct per modality, got {self.special_token_ids}")
+
+
+@dataclass
+class DataConfig:
+    """Manifests, decoding and batching."""
+
+    _path = "data"
+    data_path: str | None = None
+    val_path: str | None = None
+    tokenizer: str = "byte"
+    micro_batch_size: int = 4
+    global_batch_size: int = 8
+    num_decode_workers: int = 2
+    decode_timeout_s: float = 30.0
+    decode_retries: int = 1
+    max_bad_fraction: float = 0.2
+    shuffle: bool = True
+    seed: int = 1234
+
+    def __post_init__(self) -> None:
+        _check_positive(self, "micro_batch_size", "global_batch_size", "num_decode_workers", "decode_timeout_s")
+        _check_positive(self, "decode_retries", allow_zero=True)
+        if not 0.0 <= self.max_bad_fraction <= 1.0:
+            raise ValueError(f"data.max_bad_fraction={self.max_bad_fraction} must be within [0, 1]")
+
+
+@dataclass
+class ParallelConfig:
+    """Group sizes and placement of the disaggregated runtime."""
+
+    _path = "parallel"
+    lm_tp: int = 1
+    lm_dp: int = 1
+    encoder_dp: int = 1
+    encoder_groups: str = "shared"
+    transport: str = "auto"
+    use_gpu: bool = False
+    cpus_per_actor: float = 0.25
+    placement_timeout_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        _check_positive(self, "lm_tp", "lm_dp", "encoder_dp")
+        _check_positive(self, "cpus_per_actor", allow_zero=True)
+        _check_choice("parallel.encoder_groups", self.encoder_groups, ("shared", "per_modality"))
+        _check_choice("parallel.transport", self.transport, ("auto", "object_store", "nccl", "cuda_ipc"))
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, checkpointing and recovery."""
+
+    _path = "train"
+    runtime: str = "disaggregated"
+    max_steps: int = 20
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 2
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    grad_clip: float = 1.0
+    seed: int = 1234
+    output_dir: str = "runs/default"
+    ckpt_interval: int = 0
+    eval_interval: int = 0
+    eval_batches: int = 4
+    resume: bool = False
+    max_failures: int = 2
+    step_timeout_s: float = 300.0
+
+    def __post_init__(self) -> None:
+        _check_choice("train.runtime", self.runtime, ("disaggregated", "fused"))
+        _check_positive(self, "max_steps", "lr", "step_timeout_s")
+        _check_positive(self, "min_lr", "warmup_steps", "weight_decay", "grad_clip", allow_zero=True)
+        _check_positive(self, "ckpt_interval", "eval_interval", "max_failures", allow_zero=True)
+
+
+@dataclass
+class InferConfig:
+    """Batched generation."""
+
+    _path = "infer"
+    checkpoint: str | None = None
+    output: str = "preds.jsonl"
+    batch_size: int = 8
+    max_new_tokens: int = 16
+    temperature: float = 0.0
+    top_p: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check_positive(self, "batch_size", "max_new_tokens")
+        _check_positive(self, "temperature", allow_zero=True)
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"infer.top_p={self.top_p} must be within (0, 1]")
+
+
+@dataclass
+class ClusterConfig:
+    """How to reach Ray: an existing cluster (RAY_ADDRESS / ``address``) or an embedded local instance."""
+
+    _path = "cluster"
+    address: str | None = None
+    num_cpus: int | None = None
+    object_store_memory_mb: int = 512
+
+    def init_kwargs(self) -> dict[str, Any]:
+        """Arguments for ``ray.init``: resources only when starting an embedded instance (NOTES §6)."""
+        address = self.address or os.environ.get("RAY_ADDRESS")
+        if address:
+            return {"address": address}
+        kwargs: dict[str, Any] = {
+            "include_dashboard": False,
+            "object_store_memory": self.object_store_memory_mb * 1024 * 1024,
+        }
+        if self.num_cpus is not None:
+            kwargs["num_cpus"] = self.num_cpus
+        return kwargs
+
+
+@dataclass
+class Config:
+    """The whole tree; ``preset`` records which preset it came from."""
+
+    _path = ""
+    preset: str = "tiny"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    infer: InferConfig = field(default_factory=InferConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+    def __post_init__(self) -> None:
+        if self.model.lm.num_attention_heads % self.parallel.lm_tp:
+            raise ValueError(
+                f"parallel.lm_tp={self.parallel.lm_tp} must divide model.lm.num_attention_heads="
+                f"{self.model.lm.num_attention_heads}"
+            )
+        dp_batch = self.data.micro_batch_size * self.parallel.lm_dp
+        if self.data.global_batch_size % dp_batch:
+            raise ValueError(
+                f"data.global_batch_size={self.data.global_batch_size} must be a multiple of "
+                f"data.micro_batch_size * parallel.lm_dp = {dp_batch}"
+            )
+        if self.data.global_batch_size % (self.data.micro_batch_size * self.parallel.encoder_dp):
+            raise ValueError(
+                f"data.global_batch_size={self.data.global_batch_size} must be a multiple of "
+                f"data.micro_batch_size * parallel.encoder_dp"
+            )
+
+    @property
+    def grad_accum_steps(self) -> int:
+        """Micro-batches per LM data-parallel rank per optimizer step."""
+        return self.data.global_batch_size // (self.data.micro_batch_size * self.parallel.lm_dp)
+
+
+# Megatron-style flags → dotted config paths (the seed's names, DESIGN.md C9). Closed list, checked by a test.
+FLAG_ALIASES: dict[str, str] = {
+    "--num-layers": "model.lm.num_layers",
+    "--hidden-size": "model.lm.hidden_size",
+    "--num-attention-heads": "model.lm.num_attention_heads",
+    "--ffn-hidden-size": "model.lm.ffn_hidden_size",
+    "--seq-length": "model.lm.seq_length",
+    "--vocab-size": "model.lm.vocab_size",
+    "--vision-backbone-type": "model.vision.backbone_type",
+    "--audio-backbone-type": "model.audio.backbone_type",
+    "--num-frames": "model.vision.num_frames",
+    "--audio-seq-len": "model.audio.audio_seq_len",
+    "--attention-backend": "model.attention_backend",
+    "--data-path": "data.data_path",
+    "--val-path": "data.val_path",
+    "--micro-batch-size": "data.micro_batch_size",
+    "--global-batch-size": "data.global_batch_size",
+    "--tensor-model-parallel-size": "parallel.lm_tp",
+    "--runtime": "train.runtime",
+    "--max-steps": "train.max_steps",
+    "--lr": "train.lr",
+    "--seed": "train.seed",
+    "--output-dir": "train.output_dir",
+    "--max-failures": "train.max_failures",
+    "--checkpoint": "infer.checkpoint",
+    "--output": "infer.output",
+}
+BOOL_FLAGS: dict[str, str] = {"--resume": "train.resume"}
+
+
+def _field_type(cls: type, name: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    if name not in hints:
+        raise ValueError(f"unknown config key {name!r} in {cls._path or 'config'}; known: {_field_names(cls)}")
+    return hints[name]
+
+
+def _field_names(cls: type) -> str:
+    return ", ".join(f.name for f in dataclasses.fields(cls))
+
+
+def _coerce(path: str, value: Any, tp: Any) -> Any:
+    """Convert a YAML/CLI value to the annotated field type, naming the field when it cannot."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in args:
+                return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(path, value, inner[0])
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ValueError(f"{path} must be a mapping, got {value!r}")
+        return _build(tp, value, path)
+    if isinstance(value, str) and tp in (list, dict) or origin in (list, dict):
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+        want = origin or tp
+        if not isinstance(value, want):
+            raise ValueError(f"{path}={value!r} must be a {want.__name__}")
+        return want(value)
+    try:
+        if tp is bool:
+            if isinstance(value, str):
+                low = value.lower()
+                if low not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError
+                return low in ("true", "1", "yes")
+            if not isinstance(value, bool):
+                raise ValueError
+            return value
+        if tp is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if tp is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if tp is str:
+            return str(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{path}={value!r} is not a valid {tp.__name__}") from None
+    return value
+
+
+def _build(cls: type, data: dict[str, Any], path: str = "") -> Any:
+    kwargs = {}
+    for key, value in data.items():
+        sub = f"{path}.{key}" if path else key
+        kwargs[key] = _coerce(sub, value, _field_type(cls, key))
+    return cls(**kwargs)
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "special_token_ids":
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _read_yaml(name_or_path: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = PRESET_DIR / f"{name_or_path}.yaml"
+        if not path.exists():
+            known = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+            raise ValueError(f"unknown preset {name_or_path!r}; known presets: {', '.join(known)}")
+    if not path.exists():
+        raise ValueError(f"config file {str(path)!r} does not exist")
+    if str(path) in seen:
+        raise ValueError(f"config {path}: 'base' chain loops through {seen}")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path} must hold a mapping at top level")
+    base = data.pop("base", None)
+    if base:
+        data = _deep_merge(_read_yaml(base, (*seen, str(path))), data)
+    data.setdefault("preset", path.stem)
+    return data
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"override {dotted!r}: {key!r} is not a section")
+    node[keys[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    """Turn CLI-style overrides into (dotted path, raw value) pairs.
+
+    Accepts ``a.b=v``, ``--a.b=v``, ``--a.b v`` and the aliases of :data:`FLAG_ALIASES` / :data:`BOOL_FLAGS`.
+
+    Raises:
+        ValueError: on an unknown flag or a flag missing its value, naming the flag.
+    """
+    pairs: list[tuple[str, Any]] = []
+    i = 0
+    while i < len(overrides):
+        tok = overrides[i]
+        i += 1
+        key, eq, val = tok.partition("=")
+        if key in BOOL_FLAGS:
+            pairs.append((BOOL_FLAGS[key], val if eq else "true"))
+            continue
+        if key in FLAG_ALIASES:
+            dotted = FLAG_ALIASES[key]
+        elif key.startswith("--") and "." in key or not key.startswith("-") and eq:
+            dotted = key.lstrip("-")
+        else:
+            raise ValueError(f"unknown flag {key!r}; see --help for the accepted flags")
+        if not eq:
+            if i >= len(overrides):
+                raise ValueError(f"flag {key!r} needs a value")
+            val = overrides[i]
+            i += 1
+        pairs.append((dotted, val))
+    return pairs
+
+
+def load_config(preset_or_path: str = "tiny", overrides: list[str] | None = None) -> Config:
+    """Load a preset name or YAML file and apply overrides.
+
+    Args:
+        preset_or_path: ``tiny``, ``bench-s``, ``bench-l``, ``avlm-7b`` or a path to a YAML file.
+        overrides: CLI-style overrides, see :func:`parse_overrides`.
+
+    Returns:
+        The validated :class:`Config`.
+
+    Raises:
+        ValueError: naming the preset, file, key or flag at fault and what is allowed.
+    """
+    tree = _read_yaml(preset_or_path)
+    for dotted, value in parse_overrides(list(overrides or [])):
+        _set_dotted(tree, dotted, value)
+    return _build(Config, tree)
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain nested dict of a config (for YAML, JSON and checkpoints)."""
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: str | os.PathLike) -> None:
+    """Write the resolved config as YAML; :func:`load_config` reads it back equal."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Inverse of :func:`config_to_dict`."""
+    return _build(Config, data)
+
+
+def add_config_args(parser: argparse.ArgumentParser) -> None:
+    """Document the config flags on a job's ``--help`` (parsing itself goes through :func:`parse_overrides`)."""
+    group = parser.add_argument_group("config", "preset/YAML plus overrides; any field also as --section.field=V")
+    group.add_argument("--preset", "--config", dest="preset", default="tiny", help="preset name or YAML path")
+    for flag, dotted in FLAG_ALIASES.items():
+        group.add_argument(flag, dest=f"_alias_{dotted}", default=None, metavar="V", help=f"sets {dotted}")
+    for flag, dotted in BOOL_FLAGS.items():
+        group.add_argument(flag, dest=f"_bool_{dotted}", action="store_true", help=f"sets {dotted}=true")
+    group.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+
+
+def parse_job_args(argv: list[str] | None, doc: str | None = None, extra: Any = None) -> tuple[Config, Any]:
+    """Parse a job's command line into a :class:`Config` (plus job-specific args).
+
+    Args:
+        argv: command line without the program name (``None``: ``sys.argv[1:]``).
+        doc: the job's docstring, shown by ``--help``.
+        extra: optional callable adding job-specific arguments to the parser.
+
+    Returns:
+        ``(config, namespace)``; the namespace holds the job-specific arguments.
+
+    Raises:
+        SystemExit: on ``--help`` or a malformed command line (argparse's exit code 2, naming the flag).
+    """
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(parser)
+    if extra is not None:
+        extra(parser)
+    ns, rest = parser.parse_known_args(argv)
+    overrides: list[str] = []
+    for key, value in vars(ns).items():
+        if key.startswith("_alias_") and value is not None:
+            overrides.append(f"{key[len('_alias_'):]}={value}")
+        elif key.startswith("_bool_") and value:
+            overrides.append(f"{key[len('_bool_'):]}=true")
+    overrides.extend(rest)
+    try:
+        cfg = load_config(ns.preset, overrides)
+    except ValueError as err:
+        parser.error(str(err))
+    return cfg, ns

@@ -1,0 +1,1 @@
+"""Data loading: manifests, media decoding and tokenisation for mimo_ray."""

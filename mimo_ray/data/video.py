@@ -1,0 +1,160 @@
+"""Video and image decoding into CLIP-normalised float frames."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from mimo_ray.data.errors import MediaError
+from mimo_ray.data.media_source import MediaSource, checked_source, describe
+
+#: CLIP's per-channel RGB statistics (the ViT encoders were trained on inputs normalised with these).
+CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
+CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
+
+
+def sample_frame_indices(
+    num_total: int, num_frames: int, *, train: bool, rng: np.random.Generator | None = None
+) -> np.ndarray:
+    """Chooses ``num_frames`` frame indices spread over a clip of ``num_total`` frames.
+
+    The clip is cut into ``num_frames`` equal segments. For evaluation the centre of each segment is taken; for
+    training one frame is drawn uniformly inside each segment (temporal jitter as augmentation). Indices are
+    strictly increasing, so decord can fetch them with one forward pass.
+
+    Args:
+        num_total: Number of frames in the clip.
+        num_frames: Number of frames wanted.
+        train: Whether to jitter inside segments.
+        rng: Generator for the jitter. ``None`` in training draws fresh OS entropy (not reproducible); pass a
+            seeded generator when runs must be resumable bit-for-bit.
+
+    Returns:
+        int64 array ``[num_frames]`` of sorted, distinct indices in ``[0, num_total)``.
+
+    Raises:
+        ValueError: ``num_frames`` < 1, or the clip has fewer frames than needed.
+    """
+    if num_frames < 1:
+        raise ValueError(f"num_frames must be >= 1, got {num_frames}")
+    if num_total < num_frames:
+        raise ValueError(f"clip has {num_total} frames but {num_frames} are needed")
+    segment = num_total / num_frames
+    if not train:
+        # Consecutive centres are `segment` >= 1 apart, so their floors are strictly increasing.
+        return np.floor((np.arange(num_frames) + 0.5) * segment).astype(np.int64)
+    if rng is None:
+        rng = np.random.default_rng()
+    # Integer segment bounds keep segments disjoint and non-empty, which keeps the draws distinct.
+    bounds = np.floor(np.arange(num_frames + 1) * segment).astype(np.int64)
+    return rng.integers(bounds[:-1], bounds[1:]).astype(np.int64)
+
+
+def normalize_frames(frames: np.ndarray) -> np.ndarray:
+    """Converts RGB frames to CLIP-normalised channels-first floats.
+
+    Args:
+        frames: uint8 ``[T, H, W, 3]``.
+
+    Returns:
+        float32 ``[T, 3, H, W]``: ``(frames / 255 - CLIP_MEAN) / CLIP_STD``.
+    """
+    scaled = frames.astype(np.float32) * np.float32(1.0 / 255.0)
+    scaled = (scaled - CLIP_MEAN) / CLIP_STD
+    return np.ascontiguousarray(scaled.transpose(0, 3, 1, 2))
+
+
+def decode_video(
+    source: MediaSource,
+    num_frames: int,
+    size: tuple[int, int],
+    *,
+    train: bool = False,
+    rng: np.random.Generator | None = None,
+    num_threads: int = 1,
+) -> np.ndarray:
+    """Decodes ``num_frames`` frames of a video, resized (stretched) to ``size``.
+
+    Frames are picked with :func:`sample_frame_indices` and fetched with a single sorted ``get_batch`` call.
+
+    Args:
+        source: Path to the video file, or its bytes.
+        num_frames: Frames to return.
+        size: Output ``(height, width)`` in pixels.
+        train: Jitter frame choice (see :func:`sample_frame_indices`).
+        rng: Generator for the jitter.
+        num_threads: Decoder threads; 1 suits many parallel decode workers, 0 lets FFmpeg choose.
+
+    Returns:
+        float32 ``[num_frames, 3, H, W]``, CLIP-normalised.
+
+    Raises:
+        MediaError: stage ``"open"`` (missing or empty), ``"decode"`` (not a decodable video), ``"frames"``
+            (fewer frames than ``num_frames``).
+    """
+    import decord  # deferred: decord loads FFmpeg libraries, not needed by processes that only tokenise
+
+    height, width = _checked_size(size)
+    name = describe(source)
+    src = checked_source(source)
+    try:
+        reader = decord.VideoReader(src, width=width, height=height, num_threads=num_threads)
+        num_total = len(reader)
+    except Exception as exc:  # decord raises bare RuntimeError/DECORDError for every failure
+        raise MediaError("decode", f"{name}: cannot decode as video: {_first_line(exc)}") from exc
+    try:
+        indices = sample_frame_indices(num_total, num_frames, train=train, rng=rng)
+    except ValueError as exc:
+        raise MediaError("frames", f"{name}: {exc}") from exc
+    try:
+        frames = reader.get_batch(indices.tolist()).asnumpy()
+    except Exception as exc:
+        raise MediaError("decode", f"{name}: decoding frames {indices.tolist()} failed: {_first_line(exc)}") from exc
+    if frames.shape != (num_frames, height, width, 3):
+        raise MediaError("decode", f"{name}: decoder returned frames of shape {frames.shape}")
+    return normalize_frames(frames)
+
+
+def decode_image(source: MediaSource, size: tuple[int, int]) -> np.ndarray:
+    """Decodes a still image (PNG, JPEG, ... anything FFmpeg reads), resized (stretched) to ``size``.
+
+    Args:
+        source: Path to the image file, or its bytes.
+        size: Output ``(height, width)`` in pixels.
+
+    Returns:
+        float32 ``[1, 3, H, W]``, CLIP-normalised.
+
+    Raises:
+        MediaError: stage ``"open"`` (missing or empty) or ``"decode"`` (not a decodable image).
+    """
+    import av  # deferred like decord above
+
+    height, width = _checked_size(size)
+    name = describe(source)
+    src = checked_source(source)
+    try:
+        with av.open(src) as container:
+            if not container.streams.video:
+                raise MediaError("decode", f"{name}: no image stream in file")
+            frame = next(container.decode(video=0), None)
+            if frame is None:
+                raise MediaError("decode", f"{name}: image stream holds no picture")
+            rgb = frame.reformat(width=width, height=height, format="rgb24").to_ndarray()
+    except MediaError:
+        raise
+    except Exception as exc:  # PyAV raises FFmpegError subclasses, but also OSError/ValueError on odd input
+        raise MediaError("decode", f"{name}: cannot decode as image: {_first_line(exc)}") from exc
+    return normalize_frames(rgb[None])
+
+
+def _checked_size(size: tuple[int, int]) -> tuple[int, int]:
+    """Validates a ``(height, width)`` pair."""
+    if len(size) != 2 or any(int(s) != s or s < 1 for s in size):
+        raise ValueError(f"size must be (height, width) with positive integers, got {size!r}")
+    return int(size[0]), int(size[1])
+
+
+def _first_line(exc: BaseException) -> str:
+    """First line of an exception message; decord appends multi-line C++ stack traces."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -1,0 +1,43 @@
+"""The MIMO model: Megatron encoders → projections → placeholder alignment → GPT, fused or in halves."""
+
+from __future__ import annotations
+
+import torch
+
+from mimo_ray.config import Config
+from mimo_ray.model.mimo import MimoRayModel, build_part, encode_modalities
+from mimo_ray.model.spec import INPUT_KWARG, encoder_name, input_shape, mimo_config, modality_spec, tokens_per_sample
+
+__all__ = [
+    "INPUT_KWARG",
+    "MimoRayModel",
+    "build_encoder_part",
+    "build_fused_model",
+    "build_lm_part",
+    "encode_modalities",
+    "encoder_name",
+    "input_shape",
+    "tokens_per_sample",
+]
+
+
+def build_fused_model(cfg: Config) -> MimoRayModel:
+    """The whole model in one process: a ``megatron.core.models.mimo.MimoModel`` (the numerical reference).
+
+    Megatron must be initialised in this process first (:func:`mimo_ray.parallel.megatron_setup.init_megatron`).
+    """
+    return MimoRayModel(mimo_config(cfg.model), init_seed=cfg.train.seed)
+
+
+def build_lm_part(cfg: Config) -> MimoRayModel:
+    """The language-model half: a ``MimoModel`` without modality submodules, same weights as the fused one."""
+    return MimoRayModel(mimo_config(cfg.model, modalities=[]), init_seed=cfg.train.seed)
+
+
+def build_encoder_part(cfg: Config, modalities: list[str] | None = None) -> torch.nn.ModuleDict:
+    """The encoder half for ``modalities`` (all configured when ``None``), same weights as the fused model's
+    ``modality_submodules``; keys are modality names, so state dicts map 1:1 onto the fused model's."""
+    names = list(cfg.model.modalities) if modalities is None else modalities
+    return torch.nn.ModuleDict(
+        {m: build_part(modality_spec(cfg.model, m), cfg.train.seed, m) for m in names}
+    )

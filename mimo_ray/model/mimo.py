@@ -1,0 +1,143 @@
+"""``MimoRayModel``: Megatron's ``MimoModel`` with strict alignment, per-part deterministic initialisation, and
+the encoder half / language-model half exposed separately so the disaggregated runtime runs the same code.
+
+Per-part seeding means an encoder group and an LM group that build only their half get exactly the weights the
+fused model has, on any device and any TP size (Megatron's CPU initialisation slices one master weight).
+"""
+
+from __future__ import annotations
+
+import warnings
+import zlib
+from typing import Any
+
+import torch
+from megatron.core.models.mimo import MimoModel, MimoModelConfig
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+
+from mimo_ray.model.align import align_embeddings
+
+warnings.filterwarnings("ignore", message=".*experimental and still under active development.*")
+
+
+def part_seed(seed: int, part: str) -> int:
+    """Seed for one model part (``language_model`` or a modality name), stable across processes."""
+    return (seed * 1_000_003 + zlib.crc32(part.encode())) % (2**31)
+
+
+def build_part(spec: ModuleSpec, seed: int, part: str) -> torch.nn.Module:
+    """Build one part (a modality submodule or the language model) under its own seed, leaving the caller's RNG.
+
+    Args:
+        spec: the part's ``ModuleSpec``.
+        seed: the model seed.
+        part: ``language_model`` or the modality name.
+
+    Returns:
+        The module.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(part_seed(seed, part))
+        if hasattr(spec.module, "from_spec"):
+            return spec.module.from_spec(spec)
+        return build_module(spec)
+
+
+def encode_modalities(
+    submodules: torch.nn.ModuleDict, modality_inputs: dict[str, dict[str, dict[str, Any]]] | None
+) -> dict[str, torch.Tensor]:
+    """Run every modality submodule that has inputs.
+
+    Args:
+        submodules: ``{modality: ModalitySubmodules}``.
+        modality_inputs: ``{modality: {encoder_name: {kwarg: tensor}}}`` (C1).
+
+    Returns:
+        ``{modality: [N_tokens, H_lm]}`` projected embeddings, batch-major rows.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for name, submodule in submodules.items():
+        if modality_inputs and modality_inputs.get(name) is not None:
+            emb = submodule(encoder_inputs=modality_inputs[name])
+            if emb is not None:
+                out[name] = emb
+    return out
+
+
+class MimoRayModel(MimoModel):
+    """A ``MimoModel`` whose forward raises on placeholder/embedding mismatches (C2) and can run in halves.
+
+    Args:
+        mimo_config: upstream config (language model spec, modality specs, special token ids).
+        init_seed: seed of the per-part initialisation.
+    """
+
+    def __init__(self, mimo_config: MimoModelConfig, init_seed: int = 1234) -> None:
+        self.init_seed = init_seed
+        super().__init__(mimo_config)
+
+    def _initialize_submodules(self) -> None:
+        for name, spec in self.mimo_config.modality_submodules_spec.items():
+            self.modality_submodules[name] = build_part(spec, self.init_seed, name)
+
+    def _initialize_language_model(self) -> None:
+        self.language_model = build_part(self.mimo_config.language_model_spec, self.init_seed, "language_model")
+
+    def align_embeddings_by_token_positions(
+        self, modality_embeddings: dict[str, torch.Tensor], input_ids: torch.Tensor, special_token_ids: dict[str, int]
+    ) -> torch.Tensor:
+        """Strict version of upstream's alignment, see :func:`~mimo_ray.model.align.align_embeddings`."""
+        return align_embeddings(modality_embeddings, input_ids, special_token_ids)
+
+    def encode(self, modality_inputs: dict[str, dict[str, dict[str, Any]]] | None) -> dict[str, torch.Tensor]:
+        """Encoder half: ``{modality: [N_tokens, H_lm]}``."""
+        return encode_modalities(self.modality_submodules, modality_inputs)
+
+    def forward_lm(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None,
+        modality_embeddings: dict[str, torch.Tensor],
+        labels: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Language-model half.
+
+        Args:
+            input_ids: ``[B, S]``.
+            position_ids: ``[B, S]``.
+            modality_embeddings: ``{modality: [N_tokens, H]}`` from :meth:`encode` (or from encoder actors).
+            labels: ``[B, S]`` targets; ``None`` for logits.
+            attention_mask: optional Megatron mask (``True`` = masked), ``[B, 1, S, S]``.
+
+        Returns:
+            Per-token loss ``[B, S]`` with labels, else logits ``[B, S, V]``.
+        """
+        text = self.get_text_embeddings(input_ids, position_ids, self.special_token_ids)
+        decoder_input = self.align_embeddings_by_token_positions(
+            {**modality_embeddings, "text": text}, input_ids, self.special_token_ids
+        )  # [S, B, H]
+        return self.language_model(
+            input_ids=None,
+            position_ids=None,
+            decoder_input=decoder_input,
+            labels=labels,
+            attention_mask=attention_mask,
+        )
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        loss_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        modality_inputs: dict[str, dict[str, dict[str, Any]]] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Fused step, same contract as upstream ``MimoModel.forward`` (C1).
+
+        Returns:
+            ``(per-token loss [B, S] or logits [B, S, V], loss_mask)``; the mask is returned unapplied.
+        """
+        embeddings = self.encode(modality_inputs)
+        return self.forward_lm(input_ids, position_ids, embeddings, labels, attention_mask), loss_mask
