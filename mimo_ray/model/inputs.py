@@ -1,0 +1,67 @@
+"""Correctly shaped random MIMO batches (C1), for the fused job before real data, benchmarks and tests.
+
+A sample is ``[BOS] <video>*Nv <audio>*Na text...`` padded to ``seq_length``; labels are the next token, with
+``loss_mask`` on the text after the placeholders. Media are standard-normal tensors of the encoder input shape.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from mimo_ray.config import Config
+from mimo_ray.model.spec import INPUT_KWARG, encoder_name, input_shape, tokens_per_sample
+
+Batch = dict[str, Any]
+BOS_ID = 257
+PAD_ID = 256
+
+
+def random_batch(cfg: Config, batch_size: int, seed: int, text_len: int | None = None) -> Batch:
+    """One random batch.
+
+    Args:
+        cfg: config (model shapes, modalities, special tokens).
+        batch_size: B.
+        seed: generator seed; the same seed gives the same batch.
+        text_len: text tokens per sample after the placeholders (default: fill the sequence, varying per sample).
+
+    Returns:
+        ``{"input_ids", "position_ids", "labels", "loss_mask"}`` of shape ``[B, S]`` and
+        ``modality_inputs = {modality: {encoder_name: {kwarg: [B, ...]}}}``.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    model = cfg.model
+    seq = model.lm.seq_length
+    text_vocab = min(256, model.lm.vocab_size)
+    input_ids = torch.full((batch_size, seq), PAD_ID % model.lm.vocab_size, dtype=torch.long)
+    loss_mask = torch.zeros(batch_size, seq, dtype=torch.float32)
+    prefix = [BOS_ID % model.lm.vocab_size]
+    for mod in model.modalities:
+        prefix += [model.special_token_ids[mod]] * tokens_per_sample(cfg, mod)
+    if len(prefix) >= seq:
+        raise ValueError(f"model.lm.seq_length={seq} leaves no room for text after {len(prefix)} placeholder tokens")
+    for b in range(batch_size):
+        room = seq - len(prefix)
+        n_text = text_len if text_len is not None else int(torch.randint(room // 2, room + 1, (1,), generator=gen))
+        n_text = min(n_text, room)
+        text = torch.randint(0, text_vocab, (n_text,), generator=gen)
+        row = torch.tensor(prefix + text.tolist(), dtype=torch.long)
+        input_ids[b, : row.numel()] = row
+        # Predict every text token (targets at positions len(prefix)-1 .. end-2).
+        loss_mask[b, len(prefix) - 1 : row.numel() - 1] = 1.0
+    labels = torch.roll(input_ids, shifts=-1, dims=1)
+    labels[:, -1] = PAD_ID % model.lm.vocab_size
+    position_ids = torch.arange(seq, dtype=torch.long).unsqueeze(0).expand(batch_size, seq).contiguous()
+    modality_inputs = {
+        mod: {encoder_name(model, mod): {INPUT_KWARG[mod]: torch.randn(batch_size, *input_shape(cfg, mod), generator=gen)}}
+        for mod in model.modalities
+    }
+    return {
+        "input_ids": input_ids,
+        "position_ids": position_ids,
+        "labels": labels,
+        "loss_mask": loss_mask,
+        "modality_inputs": modality_inputs,
+    }
