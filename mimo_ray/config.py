@@ -474,9 +474,10 @@ def _read_yaml(name_or_path: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ValueError(f"config file {path} must hold a mapping at top level")
     base = data.pop("base", None)
+    preset = data.get("preset", path.stem)
     if base:
         data = _deep_merge(_read_yaml(base, (*seen, str(path))), data)
-    data.setdefault("preset", path.stem)
+    data["preset"] = preset
     return data
 
 

@@ -36,7 +36,8 @@ def build_lm_part(cfg: Config) -> MimoRayModel:
 
 def build_encoder_part(cfg: Config, modalities: list[str] | None = None) -> torch.nn.ModuleDict:
     """The encoder half for ``modalities`` (all configured when ``None``), same weights as the fused model's
-    ``modality_submodules``; keys are modality names, so state dicts map 1:1 onto the fused model's."""
+    ``modality_submodules``; keys are modality names, so state dicts map 1:1 onto the fused model's.
+    """
     names = list(cfg.model.modalities) if modalities is None else modalities
     return torch.nn.ModuleDict(
         {m: build_part(modality_spec(cfg.model, m), cfg.train.seed, m) for m in names}

@@ -110,7 +110,9 @@ class BeatsEncoder(torch.nn.Module):
         hidden = transformer_config.hidden_size
         dtype = transformer_config.params_dtype
         self.patch_size = patch_size
-        self.patch_embed = torch.nn.Conv2d(1, hidden, kernel_size=patch_size, stride=patch_size, bias=False, dtype=dtype)
+        self.patch_embed = torch.nn.Conv2d(
+            1, hidden, kernel_size=patch_size, stride=patch_size, bias=False, dtype=dtype
+        )
         self.num_patches = (num_frames // patch_size) * (n_bins // patch_size)
         self.pos_embed = torch.nn.Parameter(torch.zeros(self.num_patches, hidden, dtype=dtype))
         torch.nn.init.normal_(self.pos_embed, std=transformer_config.init_method_std)

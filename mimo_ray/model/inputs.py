@@ -55,7 +55,11 @@ def random_batch(cfg: Config, batch_size: int, seed: int, text_len: int | None =
     labels[:, -1] = PAD_ID % model.lm.vocab_size
     position_ids = torch.arange(seq, dtype=torch.long).unsqueeze(0).expand(batch_size, seq).contiguous()
     modality_inputs = {
-        mod: {encoder_name(model, mod): {INPUT_KWARG[mod]: torch.randn(batch_size, *input_shape(cfg, mod), generator=gen)}}
+        mod: {
+            encoder_name(model, mod): {
+                INPUT_KWARG[mod]: torch.randn(batch_size, *input_shape(cfg, mod), generator=gen)
+            }
+        }
         for mod in model.modalities
     }
     return {

@@ -96,7 +96,9 @@ def transformer_config(
 
 def mlp_spec() -> ModuleSpec:
     """Dense MLP with tensor-parallel linears."""
-    return ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear))
+    return ModuleSpec(
+        module=MLP, submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)
+    )
 
 
 def layer_spec(backend: str, *, causal: bool) -> ModuleSpec:
