@@ -1,0 +1,1 @@
+"""The driver: the training and inference loops, checkpoints, recovery."""

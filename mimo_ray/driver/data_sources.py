@@ -1,0 +1,26 @@
+"""Pick the data source of a split: the manifest pipeline when a path is configured, else random batches."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from mimo_ray.config import Config
+from mimo_ray.data.random_stream import RandomDataSource
+
+
+def build_data_source(cfg: Config, split: str, start_sample: int = 0):  # noqa: ANN201 - duck-typed sources
+    """A data source for ``split`` (``train`` or ``val``) positioned after ``start_sample`` samples.
+
+    Sources offer ``next_step()`` (micro-batches of one optimizer step, pulled by the driver for the fused
+    runtime), ``rank_streams(n)`` (one iterable per encoder rank, pulled by the actors), ``advance(steps)``,
+    ``quarantined`` and ``close()``.
+    """
+    path = cfg.data.data_path if split == "train" else cfg.data.val_path
+    if path is None:
+        if split != "train":
+            # A different seed so "validation" batches are not the training ones.
+            cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=cfg.train.seed + 1))
+        return RandomDataSource(cfg, start_sample)
+    from mimo_ray.data.pipeline import ManifestDataSource
+
+    return ManifestDataSource(cfg, split, start_sample=start_sample)

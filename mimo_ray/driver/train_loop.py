@@ -1,0 +1,231 @@
+"""The training driver: data → runtime (fused or disaggregated) → metrics, checkpoints, eval and recovery.
+
+    with TrainLoop.build(cfg) as loop:
+        summary = loop.run()
+
+Recovery (DESIGN.md C7): a dead actor, a failed transfer or a step timeout tears every group down, rebuilds
+them, loads ``latest`` and continues, at most ``train.max_failures`` times.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from mimo_ray.config import Config, config_to_dict, save_config
+from mimo_ray.driver import checkpoint as ckpt
+from mimo_ray.driver.data_sources import build_data_source
+from mimo_ray.driver.schedule import lr_at
+from mimo_ray.observability import MetricsWriter, plot_metrics
+
+log = logging.getLogger("mimo_ray")
+
+
+def is_recoverable(err: BaseException) -> bool:
+    """Whether an error from a step is an infrastructure failure (rebuild and resume) rather than a bug or bad data.
+
+    Dead actors, lost objects, timeouts and transport errors are recoverable; an exception raised by our own code
+    inside an actor (``RayTaskError`` wrapping e.g. ``ValueError``) is not, unless it is a transport error.
+    """
+    import ray.exceptions as rex
+
+    if isinstance(err, (rex.RayActorError, rex.GetTimeoutError, rex.ObjectLostError, TimeoutError)):
+        return True
+    if isinstance(err, rex.RayTaskError):
+        cause = err.cause
+        return isinstance(cause, (rex.RayActorError, rex.ObjectLostError, ConnectionError, TimeoutError))
+    return isinstance(err, ConnectionError)
+
+
+class TrainLoop:
+    """Owns the runtime, the data source, metrics and checkpoints of one training run.
+
+    Args:
+        cfg: the resolved config.
+        runtime_factory: builds a runtime from the config (``mimo_ray.runtime.build_runtime``).
+        on_step_start: optional hook called with the step index before each step (tests inject faults here).
+    """
+
+    def __init__(
+        self,
+        cfg: Config,
+        runtime_factory: Callable[[Config], Any],
+        on_step_start: Callable[[int], None] | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.out = Path(cfg.train.output_dir)
+        self.ckpt_dir = self.out / "checkpoints"
+        self.runtime_factory = runtime_factory
+        self.on_step_start = on_step_start
+        self.runtime: Any = None
+        self.data: Any = None
+        self.step = 0
+        self.failures: list[str] = []
+        self.metrics = MetricsWriter(self.out)
+
+    @classmethod
+    def build(cls, cfg: Config, on_step_start: Callable[[int], None] | None = None) -> TrainLoop:
+        """A loop over :func:`mimo_ray.runtime.build_runtime`."""
+        from mimo_ray.runtime import build_runtime
+
+        return cls(cfg, build_runtime, on_step_start)
+
+    def __enter__(self) -> TrainLoop:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release actors, data workers and writers."""
+        if self.runtime is not None:
+            self.runtime.close()
+            self.runtime = None
+        if self.data is not None:
+            self.data.close()
+            self.data = None
+        self.metrics.close()
+
+    # ---------------------------------------------------------------- set-up / resume
+    def _start(self, resume: bool) -> None:
+        """Build the runtime and data source, from ``latest`` when resuming."""
+        self.runtime = self.runtime_factory(self.cfg)
+        found = ckpt.latest(self.ckpt_dir) if resume else None
+        self.step = 0
+        if found is not None:
+            state = ckpt.read_driver_state(found)
+            self.runtime.load_checkpoint(str(found))
+            self.step = int(state["step"])
+            log.info("resumed from %s (step %d)", found, self.step)
+        self.metrics.truncate_after(self.step)
+        self.data = build_data_source(self.cfg, "train", start_sample=self.step * self.cfg.data.global_batch_size)
+        if self.cfg.train.runtime == "disaggregated":
+            self.runtime.set_data_iterators(self.data.rank_streams(self.cfg.parallel.encoder_dp))
+
+    def _recover(self, err: BaseException) -> None:
+        self.failures.append(f"step {self.step}: {type(err).__name__}: {err}")
+        if len(self.failures) > self.cfg.train.max_failures:
+            raise RuntimeError(
+                f"giving up after {len(self.failures) - 1} recoveries (train.max_failures="
+                f"{self.cfg.train.max_failures}); last failure at step {self.step}: {err}"
+            ) from err
+        log.warning("step %d failed (%s: %s); rebuilding all groups from latest", self.step, type(err).__name__, err)
+        if self.runtime is not None:
+            self.runtime.close()
+        if self.data is not None:
+            self.data.close()
+        self._start(resume=True)
+
+    # ---------------------------------------------------------------- checkpoints
+    def save_checkpoint(self) -> Path:
+        """Write ``checkpoints/step_<N>`` atomically and point ``latest`` at it."""
+        tmp = ckpt.begin(self.ckpt_dir, self.step)
+        self.runtime.save_checkpoint(str(tmp))
+        state = {
+            "step": self.step,
+            "samples_consumed": self.step * self.cfg.data.global_batch_size,
+            "config": config_to_dict(self.cfg),
+        }
+        state.update(self.data.checkpoint_extras() if hasattr(self.data, "checkpoint_extras") else {})
+        ckpt.write_driver_state(tmp, state)
+        save_config(self.cfg, tmp / "config.yaml")
+        return ckpt.commit(self.ckpt_dir, tmp, self.step)
+
+    # ---------------------------------------------------------------- the loop
+    def _train_step(self) -> dict[str, Any]:
+        lr = lr_at(self.cfg.train, self.step)
+        if self.cfg.train.runtime == "fused":
+            result = self.runtime.train_step(self.data.next_step(), lr)
+        else:
+            result = self.runtime.train_step(None, lr)
+            self.data.advance(1)
+        return {**result, "lr": lr}
+
+    def evaluate(self) -> dict[str, float]:
+        """Mean per-token loss over ``train.eval_batches`` global batches of the val split (fused-style pull)."""
+        source = build_data_source(self.cfg, "val", start_sample=0)
+        total, tokens = 0.0, 0
+        try:
+            for _ in range(self.cfg.train.eval_batches):
+                micro = source.next_step()
+                if not micro:
+                    break
+                res = self.runtime.eval_step(micro)
+                total += res["loss"] * res["num_tokens"]
+                tokens += res["num_tokens"]
+        finally:
+            source.close()
+        return {"loss": total / max(tokens, 1), "num_tokens": tokens}
+
+    def run(self) -> dict[str, Any]:
+        """Train to ``train.max_steps``; returns the summary (also written to ``summary.json``)."""
+        cfg = self.cfg
+        self.out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, self.out / "config.yaml")
+        self._start(resume=cfg.train.resume)
+        t0 = time.perf_counter()
+        tokens_total = 0
+        bar = tqdm(total=cfg.train.max_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
+        last_ckpt: Path | None = None
+        while self.step < cfg.train.max_steps:
+            if self.on_step_start is not None:
+                self.on_step_start(self.step)
+            try:
+                result = self._train_step()
+            except Exception as err:  # noqa: BLE001 - classified right below
+                if not is_recoverable(err):
+                    raise
+                self._recover(err)
+                bar.n = self.step
+                continue
+            self.step += 1
+            tokens_total += int(result["num_tokens"])
+            record = {
+                "step": self.step,
+                "split": "train",
+                "loss": float(result["loss"]),
+                "tokens": int(result["num_tokens"]),
+                "step_time_s": float(result["step_time_s"]),
+                "tokens_per_s": float(result["num_tokens"]) / max(float(result["step_time_s"]), 1e-9),
+                "grad_norm": float(result["grad_norm"]),
+                "lr": float(result["lr"]),
+            }
+            self.metrics.write(record)
+            bar.update(1)
+            bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            if cfg.train.eval_interval and self.step % cfg.train.eval_interval == 0 and cfg.data.val_path:
+                ev = self.evaluate()
+                self.metrics.write({"step": self.step, "split": "val", **ev}, prefix="val")
+            if cfg.train.ckpt_interval and self.step % cfg.train.ckpt_interval == 0:
+                last_ckpt = self.save_checkpoint()
+        bar.close()
+        if last_ckpt is None or ckpt.latest(self.ckpt_dir) != ckpt.step_dir(self.ckpt_dir, self.step):
+            last_ckpt = self.save_checkpoint()
+        return self._summary(time.perf_counter() - t0, tokens_total, last_ckpt)
+
+    def _summary(self, wall_s: float, tokens: int, last_ckpt: Path) -> dict[str, Any]:
+        from mimo_ray.observability import read_metrics
+
+        records = [r for r in read_metrics(self.metrics.path) if r.get("split") == "train"]
+        plot = plot_metrics(self.metrics.path, self.out / "metrics.png") if records else None
+        summary = {
+            "steps": self.step,
+            "samples": self.step * self.cfg.data.global_batch_size,
+            "final_loss": records[-1]["loss"] if records else None,
+            "tokens_per_s": tokens / max(wall_s, 1e-9),
+            "wall_s": wall_s,
+            "quarantined": int(getattr(self.data, "quarantined", 0)),
+            "failures": self.failures,
+            "checkpoint": str(last_ckpt),
+            "plot": str(plot) if plot else None,
+            "runtime": self.cfg.train.runtime,
+        }
+        import json
+
+        (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
+        return summary
