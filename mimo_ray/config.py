@@ -237,12 +237,33 @@ class ParallelConfig:
     use_gpu: bool = False
     cpus_per_actor: float = 0.25
     placement_timeout_s: float = 60.0
+    # GPUs per stage actor when use_gpu; a fraction lets an encoder and an LM actor share one GPU (CUDA IPC).
+    gpus_per_actor: float = 1.0
+    # Samples per LM micro-batch (None: data.micro_batch_size); encoder rows are re-split per sample to match.
+    lm_micro_batch_size: int | None = None
+    # Extra resources each encoder / LM actor's bundle asks for, e.g. {encoder_gpu: 1} to pin node types.
+    encoder_resources: dict[str, float] = field(default_factory=dict)
+    lm_resources: dict[str, float] = field(default_factory=dict)
+    # Encoder forwards submitted ahead of their backward (1: forward of micro-batch i+1 overlaps LM work on i).
+    prefetch_microbatches: int = 1
+    # torch intra-op threads in every stage process (actors and the fused runtime); 1 keeps CPU runs bit-exact
+    # between runtimes; 0 leaves torch's default.
+    torch_num_threads: int = 1
 
     def __post_init__(self) -> None:
-        _check_positive(self, "lm_tp", "lm_dp", "encoder_dp")
-        _check_positive(self, "cpus_per_actor", allow_zero=True)
+        _check_positive(self, "lm_tp", "lm_dp", "encoder_dp", "lm_micro_batch_size", "gpus_per_actor")
+        _check_positive(self, "cpus_per_actor", "prefetch_microbatches", "torch_num_threads", allow_zero=True)
         _check_choice("parallel.encoder_groups", self.encoder_groups, ("shared", "per_modality"))
         _check_choice("parallel.transport", self.transport, ("auto", "object_store", "nccl", "cuda_ipc"))
+        for name in ("encoder_resources", "lm_resources"):
+            for key, amount in getattr(self, name).items():
+                if key in ("CPU", "GPU") or not isinstance(amount, int | float) or amount <= 0:
+                    raise ValueError(
+                        f"parallel.{name}.{key}={amount!r} is not allowed; custom resources need a positive amount "
+                        f"and CPU/GPU come from parallel.cpus_per_actor / parallel.gpus_per_actor"
+                    )
+        if self.transport in ("nccl", "cuda_ipc") and not self.use_gpu:
+            raise ValueError(f"parallel.transport={self.transport!r} needs parallel.use_gpu=true")
 
 
 @dataclass
