@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import io
 import os
-from typing import Union
 
 from mimo_ray.data.errors import MediaError
 
 #: A media file given either by path or by its raw bytes (as Ray Data's ``read_binary_files`` yields them).
-MediaSource = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview]
+MediaSource = str | os.PathLike[str] | bytes | bytearray | memoryview
 
 
 def describe(source: MediaSource) -> str:
@@ -29,8 +28,8 @@ def checked_source(source: MediaSource) -> str | io.BytesIO:
         The path as ``str``, or a fresh ``io.BytesIO`` over the bytes.
 
     Raises:
-        MediaError: stage ``"open"`` when the path does not exist, is not a regular file, or the file/bytes are
-            empty.
+        MediaError: stage ``"open"`` when the path does not exist, is not a regular file, or the file/bytes
+            are empty.
     """
     if isinstance(source, (bytes, bytearray, memoryview)):
         if len(source) == 0:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 
 from mimo_ray.data.errors import MediaError
@@ -11,15 +13,18 @@ from mimo_ray.data.media_source import MediaSource, checked_source, describe
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
 
+# Message of decord's failed buffer copy for frame widths whose row stride it gets wrong.
+_DECORD_STRIDE_BUG = "DECORDArrayCopyFromTo"
+
 
 def sample_frame_indices(
     num_total: int, num_frames: int, *, train: bool, rng: np.random.Generator | None = None
 ) -> np.ndarray:
     """Chooses ``num_frames`` frame indices spread over a clip of ``num_total`` frames.
 
-    The clip is cut into ``num_frames`` equal segments. For evaluation the centre of each segment is taken; for
-    training one frame is drawn uniformly inside each segment (temporal jitter as augmentation). Indices are
-    strictly increasing, so decord can fetch them with one forward pass.
+    The clip is cut into ``num_frames`` equal segments. For evaluation the centre of each segment is taken;
+    for training one frame is drawn uniformly inside each segment (temporal jitter as augmentation). Indices
+    are strictly increasing, so decord can fetch them with one forward pass.
 
     Args:
         num_total: Number of frames in the clip.
@@ -108,10 +113,48 @@ def decode_video(
     try:
         frames = reader.get_batch(indices.tolist()).asnumpy()
     except Exception as exc:
-        raise MediaError("decode", f"{name}: decoding frames {indices.tolist()} failed: {_first_line(exc)}") from exc
+        if _DECORD_STRIDE_BUG not in str(exc):
+            raise MediaError(
+                "decode", f"{name}: decoding frames {indices.tolist()} failed: {_first_line(exc)}"
+            ) from exc
+        # decord 0.6 cannot copy out frames of some widths (1-4, 6, 8, 12, 16, 24, 48, 72 px, resized or
+        # native); FFmpeg through PyAV handles any width, decoding sequentially.
+        frames = _decode_indices_with_av(src, name, indices, height, width)
     if frames.shape != (num_frames, height, width, 3):
         raise MediaError("decode", f"{name}: decoder returned frames of shape {frames.shape}")
     return normalize_frames(frames)
+
+
+def _decode_indices_with_av(
+    src: str | io.BytesIO, name: str, indices: np.ndarray, height: int, width: int
+) -> np.ndarray:
+    """Decodes the frames at ``indices`` (sorted) with PyAV, resized to ``(height, width)``.
+
+    Returns:
+        uint8 ``[len(indices), height, width, 3]``.
+    """
+    import av
+
+    if isinstance(src, io.BytesIO):
+        src.seek(0)
+    wanted = {int(i): n for n, i in enumerate(indices)}
+    frames = np.empty((len(indices), height, width, 3), dtype=np.uint8)
+    found = 0
+    try:
+        with av.open(src) as container:
+            for k, frame in enumerate(container.decode(video=0)):
+                if k in wanted:
+                    frames[wanted[k]] = frame.to_ndarray(width=width, height=height, format="rgb24")
+                    found += 1
+                if k >= indices[-1]:
+                    break
+    except Exception as exc:
+        raise MediaError(
+            "decode", f"{name}: decoding frames {indices.tolist()} failed: {_first_line(exc)}"
+        ) from exc
+    if found != len(indices):
+        raise MediaError("frames", f"{name}: stream ended after {found} of the frames {indices.tolist()}")
+    return frames
 
 
 def decode_image(source: MediaSource, size: tuple[int, int]) -> np.ndarray:
