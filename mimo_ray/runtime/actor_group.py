@@ -1,0 +1,122 @@
+"""A stage group (C4): N actors of one stage class in their own placement group, named for the Ray dashboard
+(``mimo/<group>/<rank>.g<generation>``), each group its own torch.distributed world (rank 0's node hosts the
+rendezvous). Stage classes stay plain Python; this module is the only place they become Ray actors.
+
+    group = ActorGroup(spec, LanguageStage, lambda r: {"cfg": cfg, "rank": r, "world_size": 2}, generation=1)
+    infos = ray.get(group.setup_async("numpy", timeout_s=300))   # Megatron initialised inside the group
+    refs = group.execute_all_async("save", "/ckpt/step_10")
+    group.kill()
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import ray
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from mimo_ray.runtime.placement import GroupSpec, create_placement_group, remove
+from mimo_ray.runtime.transport import ActorLocation
+
+
+def _location(_stage: Any) -> tuple[str, tuple[str, ...]]:
+    """Runs inside an actor: its node id and GPU ids."""
+    ctx = ray.get_runtime_context()
+    return ctx.get_node_id(), tuple(str(g) for g in ray.get_gpu_ids())
+
+
+def _rendezvous_address(_stage: Any) -> str:
+    """Runs inside rank 0: a ``tcp://ip:port`` with a free port on that node."""
+    from mimo_ray.parallel.megatron_setup import free_port
+
+    return f"tcp://{ray.util.get_node_ip_address()}:{free_port()}"
+
+
+def get(refs: Any, timeout_s: float) -> Any:
+    """``ray.get`` with a timeout (every wait on actors is bounded, NOTES §3)."""
+    return ray.get(refs, timeout=timeout_s)
+
+
+class ActorGroup:
+    """N actors of ``stage_cls``, one per bundle of a fresh placement group.
+
+    Args:
+        spec: the group's shape and resources.
+        stage_cls: a plain-Python stage class (``EncoderStage``, ``LanguageStage``).
+        stage_kwargs: rank → constructor keyword arguments.
+        generation: version suffix of the actor names (re-creating a killed actor's name races, NOTES §6).
+        placement_timeout_s: bounded wait for the placement group.
+        tensor_transport: create the actors with Ray Direct Transport enabled (GPU transports).
+    """
+
+    def __init__(
+        self,
+        spec: GroupSpec,
+        stage_cls: type,
+        stage_kwargs: Callable[[int], dict[str, Any]],
+        *,
+        generation: int,
+        placement_timeout_s: float,
+        tensor_transport: bool = False,
+    ):
+        self.spec = spec
+        self.name = spec.name
+        self.pg = create_placement_group(spec, placement_timeout_s, generation)
+        remote_cls = ray.remote(enable_tensor_transport=True)(stage_cls) if tensor_transport else ray.remote(stage_cls)
+        self.actors = []
+        try:
+            for rank in range(spec.num_actors):
+                options = {
+                    "name": f"mimo/{spec.name}/{rank}.g{generation}",
+                    "num_cpus": spec.num_cpus,
+                    "num_gpus": spec.num_gpus,
+                    "resources": dict(spec.resources),
+                    "max_restarts": 0,
+                    "scheduling_strategy": PlacementGroupSchedulingStrategy(
+                        placement_group=self.pg, placement_group_bundle_index=rank
+                    ),
+                }
+                self.actors.append(remote_cls.options(**options).remote(**stage_kwargs(rank)))
+        except Exception:
+            self.kill()
+            raise
+
+    def __len__(self) -> int:
+        return len(self.actors)
+
+    def locations(self, timeout_s: float) -> list[ActorLocation]:
+        """Node and GPUs of every actor (waits for the actors to start)."""
+        found = get([a.__ray_call__.remote(_location) for a in self.actors], timeout_s)
+        return [ActorLocation(node, gpus) for node, gpus in found]
+
+    def setup_async(self, payload_format: str, timeout_s: float) -> list[ray.ObjectRef]:
+        """Form the group's torch.distributed world (rendezvous on rank 0's node) and build every stage.
+
+        Returns:
+            Refs to each rank's ``Stage.setup`` result (``rank``, ``dp_rank``, ``tp_rank``, ``num_params``); all
+            ranks must run concurrently, so wait for them together.
+        """
+        address = get(self.actors[0].__ray_call__.remote(_rendezvous_address), timeout_s)
+        return self.execute_all_async("setup", address, payload_format)
+
+    def execute_all_async(self, method: str, *args: Any, **kwargs: Any) -> list[ray.ObjectRef]:
+        """The same call on every actor."""
+        return [getattr(actor, method).remote(*args, **kwargs) for actor in self.actors]
+
+    def execute_each_async(self, method: str, args_per_rank: Sequence[Sequence[Any]]) -> list[ray.ObjectRef]:
+        """Rank ``r`` gets ``args_per_rank[r]``."""
+        if len(args_per_rank) != len(self.actors):
+            raise ValueError(f"{self.name}: {len(args_per_rank)} argument lists for {len(self.actors)} actors")
+        return [getattr(a, method).remote(*args) for a, args in zip(self.actors, args_per_rank, strict=True)]
+
+    def kill(self) -> None:
+        """Kill every actor and remove the placement group (safe to call twice)."""
+        for actor in self.actors:
+            try:
+                ray.kill(actor, no_restart=True)
+            except Exception:  # noqa: BLE001 - already dead
+                pass
+        self.actors = []
+        remove(self.pg)
+        self.pg = None

@@ -1,0 +1,73 @@
+"""The contract every runtime meets (what the driver calls) and the step summary both runtimes report."""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Iterable
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+Batch = dict[str, Any]
+
+
+@runtime_checkable
+class TrainRuntime(Protocol):
+    """One optimizer step per call over ``data.global_batch_size`` samples; see ``mimo_ray/runtime/__init__.py``."""
+
+    def train_step(self, microbatches: list[Batch] | None, lr: float) -> dict: ...
+
+    def eval_step(self, microbatches: list[Batch] | None) -> dict: ...
+
+    def set_data_iterators(self, iterators: list) -> None: ...
+
+    def save_checkpoint(self, path: str) -> None: ...
+
+    def load_checkpoint(self, path: str) -> None: ...
+
+    def grads(self) -> dict[str, torch.Tensor]: ...
+
+    def named_parameters_full(self) -> dict[str, torch.Tensor]: ...
+
+    def close(self) -> None: ...
+
+
+def summarize(stats: list[dict[str, float]]) -> dict[str, Any]:
+    """Global per-token mean loss of a step from its micro-batch stats.
+
+    Args:
+        stats: ``{"loss_sum", "num_tokens"}`` per micro-batch.
+
+    Returns:
+        ``{"loss": sum(loss*mask)/sum(mask), "num_tokens": int}`` (``nan`` loss when there are no tokens).
+    """
+    tokens = math.fsum(s["num_tokens"] for s in stats)
+    loss = math.fsum(s["loss_sum"] for s in stats) / tokens if tokens else float("nan")
+    return {"loss": loss, "num_tokens": int(round(tokens))}
+
+
+def check_iterators(iterators: Iterable, expected: int | None, *, picklable: bool) -> list:
+    """Validate the per-rank data streams given to ``set_data_iterators``.
+
+    Args:
+        iterators: one iterable of C1 micro-batches per encoder data-parallel rank.
+        expected: required count (``parallel.encoder_dp``), or ``None`` for any.
+        picklable: they will be sent to actors (generator objects cannot be).
+
+    Raises:
+        ValueError: wrong count (naming ``parallel.encoder_dp``).
+        TypeError: a generator object that would have to cross a process boundary.
+    """
+    iterators = list(iterators)
+    if expected is not None and len(iterators) != expected:
+        raise ValueError(f"set_data_iterators got {len(iterators)} iterators; parallel.encoder_dp={expected}")
+    if picklable:
+        for i, it in enumerate(iterators):
+            if inspect.isgenerator(it):
+                raise TypeError(
+                    f"iterator {i} is a generator object, which cannot be sent to an encoder actor; pass an "
+                    "iterable object (a class with __iter__, a list, a Ray DataIterator) or a zero-argument "
+                    "function that returns the iterator"
+                )
+    return iterators

@@ -1,0 +1,286 @@
+"""The ``disaggregated`` runtime: encoder group(s) and the LM group as Ray actor groups, one step per call.
+
+A step: the driver routes samples (``routing.py``), then submits every actor call at once, chained by ObjectRefs
+so that tensors flow actor → actor (``transport.py``) and never through the driver:
+
+    encoder.forward_step(k) ─ pieces ─▶ lm.forward_backward(j) ─ grads ─▶ encoder.backward_step(k)
+    every actor: reduce_grads(*lm_stats) ─ sq norms ─▶ optimizer_step(lr, clip, *sq_norms)
+
+The driver waits once per step (bounded by ``train.step_timeout_s``) for the small stats; any actor error or death
+surfaces as an exception from :meth:`train_step`. Recovery is the caller's: :meth:`close`, build anew, load.
+
+    rt = DisaggregatedRuntime(cfg)           # placement groups, actors, Megatron worlds, transport
+    out = rt.train_step(None, lr=1e-3)       # encoder ranks pull their own data
+    rt.close()
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from functools import partial
+from typing import Any
+
+import ray
+import torch
+
+from mimo_ray.config import Config
+from mimo_ray.runtime.actor_group import ActorGroup, get
+from mimo_ray.runtime.base import Batch, check_iterators, summarize
+from mimo_ray.runtime.placement import GroupSpec, group_specs, wait_for_resources
+from mimo_ray.runtime.routing import StepPlan, make_plan, submission_order
+from mimo_ray.runtime.transport import OBJECT_STORE, choose_transport, make_transport
+from mimo_ray.stages.encoder import EncoderStage
+from mimo_ray.stages.language import LanguageStage
+from mimo_ray.stages.payload import batch_size, pack
+from mimo_ray.stages.streams import random_streams
+
+_GENERATION = itertools.count(1)
+
+
+def _encoder_kwargs(cfg: Config, spec: GroupSpec, leader: bool, rank: int) -> dict[str, Any]:
+    return {
+        "cfg": cfg,
+        "modalities": list(spec.modalities),
+        "rank": rank,
+        "world_size": spec.num_actors,
+        "role": spec.name,
+        "leader": leader,
+    }
+
+
+def _lm_kwargs(cfg: Config, spec: GroupSpec, rank: int) -> dict[str, Any]:
+    return {"cfg": cfg, "rank": rank, "world_size": spec.num_actors, "role": spec.name}
+
+
+class DisaggregatedRuntime:
+    """Encoder groups + LM group on Ray (C4/C5), stepping exactly like :class:`~mimo_ray.runtime.fused.FusedRuntime`.
+
+    Args:
+        cfg: the config; ``cfg.parallel`` sets the groups, placement and transport.
+
+    Raises:
+        InsufficientResourcesError: the cluster cannot host the groups within ``parallel.placement_timeout_s``.
+        ValueError: an impossible parallel layout or transport (naming the field).
+    """
+
+    def __init__(self, cfg: Config):
+        par = cfg.parallel
+        self.cfg = cfg
+        self.timeout_s = cfg.train.step_timeout_s
+        self.lm_micro_batch = par.lm_micro_batch_size or cfg.data.micro_batch_size
+        if cfg.data.global_batch_size % self.lm_micro_batch:
+            raise ValueError(
+                f"parallel.lm_micro_batch_size={self.lm_micro_batch} must divide "
+                f"data.global_batch_size={cfg.data.global_batch_size}"
+            )
+        self.generation = next(_GENERATION)
+        self.encoder_groups: list[ActorGroup] = []
+        self.lm_group: ActorGroup | None = None
+        self.transport = None
+        specs = group_specs(cfg)
+        wait_for_resources(specs, par.placement_timeout_s)
+        try:
+            self._start(specs)
+        except BaseException:
+            self.close()
+            raise
+
+    # ----- set-up -------------------------------------------------------------------------------------------------
+    def _start(self, specs: list[GroupSpec]) -> None:
+        par = self.cfg.parallel
+        direct = par.use_gpu and par.transport != OBJECT_STORE
+        common = {"generation": self.generation, "placement_timeout_s": par.placement_timeout_s}
+        for i, spec in enumerate(specs[:-1]):
+            kwargs = partial(_encoder_kwargs, self.cfg, spec, i == 0)
+            self.encoder_groups.append(ActorGroup(spec, EncoderStage, kwargs, tensor_transport=direct, **common))
+        lm_spec = specs[-1]
+        kwargs = partial(_lm_kwargs, self.cfg, lm_spec)
+        self.lm_group = ActorGroup(lm_spec, LanguageStage, kwargs, tensor_transport=direct, **common)
+        wait = par.placement_timeout_s + self.timeout_s
+        enc_locations = [loc for g in self.encoder_groups for loc in g.locations(wait)]
+        self.transport = make_transport(choose_transport(par, enc_locations, self.lm_group.locations(wait)))
+        if self.transport.needs_tensor_transport and not direct:
+            raise ValueError(f"transport {self.transport.name} needs actors created with Ray Direct Transport")
+        infos = get([ref for g in self.groups for ref in g.setup_async(self.transport.payload_format, wait)], wait)
+        lm_infos = infos[-len(self.lm_group) :]
+        # LM actors by data-parallel rank, each list ordered by TP rank (TP rank 0 returns the gradients).
+        self.lm_by_dp: dict[int, list[Any]] = {}
+        for info, actor in sorted(zip(lm_infos, self.lm_group.actors, strict=True), key=lambda x: x[0]["tp_rank"]):
+            self.lm_by_dp.setdefault(info["dp_rank"], []).append(actor)
+        self.transport.setup(self.all_actors)
+
+    @property
+    def groups(self) -> list[ActorGroup]:
+        """Encoder groups, then the LM group."""
+        return [*self.encoder_groups, *([self.lm_group] if self.lm_group else [])]
+
+    @property
+    def all_actors(self) -> list[Any]:
+        """Every stage actor (the order is the order of the grad-norm contributions)."""
+        return [a for g in self.groups for a in g.actors]
+
+    def _wait(self, refs: list[ray.ObjectRef]) -> list[Any]:
+        return get(refs, self.timeout_s)
+
+    # ----- the step -------------------------------------------------------------------------------------------------
+    def _plan(self, microbatches: list[Batch] | None) -> StepPlan:
+        data = self.cfg.data
+        if microbatches is None:
+            sizes = [data.micro_batch_size] * (data.global_batch_size // data.micro_batch_size)
+        else:
+            sizes = [batch_size(mb) for mb in microbatches]
+        return make_plan(sizes, self.lm_micro_batch, self.cfg.parallel.encoder_dp, self.cfg.parallel.lm_dp)
+
+    def _forward(self, plan: StepPlan, k: int, batch: Batch | None, train: bool, out: dict) -> None:
+        """Encoder forward of micro-batch ``k`` in every group (the leader reads data and feeds the others)."""
+        rank, ranges = plan.enc_rank[k], plan.local_ranges(k)
+        num = len(ranges)
+        followers = [list(g.spec.modalities) for g in self.encoder_groups[1:]]
+        leader = self.encoder_groups[0].actors[rank]
+        args = (k, None if batch is None else pack(batch, "numpy"), ranges, followers, train)
+        refs = self.transport.call(leader, "forward_step", args, num + len(followers), direct=range(num))
+        out[k, 0] = refs[:num]
+        for g, group in enumerate(self.encoder_groups[1:], start=1):
+            args = (k, refs[num + g - 1], ranges, [], train)
+            out[k, g] = self.transport.call(group.actors[rank], "forward_step", args, num, direct=range(num))
+
+    def _lm(self, plan: StepPlan, j: int, fwd: dict, train: bool, deps: dict) -> list[ray.ObjectRef]:
+        """LM micro-batch ``j`` on every TP rank of its DP rank; returns TP rank 0's outputs."""
+        num_groups = len(self.encoder_groups)
+        pieces = plan.lm_pieces(j)
+        payloads = [fwd[p.enc_mb, g][plan.piece_index(p)] for p in pieces for g in range(num_groups)]
+        args = (j, num_groups, *payloads)
+        actors = self.lm_by_dp[plan.lm_rank[j]]
+        if not train:
+            refs = [self.transport.call(a, "forward_only", args, 1)[0] for a in actors]
+            deps.setdefault(None, []).extend(refs[1:])
+            return refs[:1]
+        num_out = 1 + len(pieces) * num_groups
+        first = self.transport.call(actors[0], "forward_backward", args, num_out, direct=range(1, num_out))
+        for actor in actors[1:]:
+            ref = self.transport.call(actor, "forward_backward", args, 1, kwargs={"return_grads": False})[0]
+            deps.setdefault(id(actor), []).append(ref)
+        return first
+
+    def _backward(self, plan: StepPlan, k: int, lm_out: dict, deps: dict) -> None:
+        """Encoder backward of micro-batch ``k`` in every group from the gradients of its pieces."""
+        num_groups = len(self.encoder_groups)
+        for g, group in enumerate(self.encoder_groups):
+            grads = [
+                lm_out[p.lm_mb][1 + plan.lm_pieces(p.lm_mb).index(p) * num_groups + g] for p in plan.enc_pieces(k)
+            ]
+            actor = group.actors[plan.enc_rank[k]]
+            deps.setdefault(id(actor), []).append(actor.backward_step.remote(k, *grads))
+
+    def _submit(self, microbatches: list[Batch] | None, train: bool) -> tuple[list[ray.ObjectRef], dict]:
+        """Submit every micro-batch call of a step.
+
+        Returns:
+            The LM stats refs in LM micro-batch order, and per actor (``id`` of its handle) the refs of its calls
+            whose results nobody consumes (backwards, non-zero TP ranks), so their errors are not lost.
+        """
+        plan = self._plan(microbatches)
+        fwd: dict = {}
+        lm_out: dict = {}
+        deps: dict = {}
+        for kind, index in submission_order(plan, self.cfg.parallel.prefetch_microbatches, train):
+            if kind == "fwd":
+                batch = None if microbatches is None else microbatches[index]
+                self._forward(plan, index, batch, train, fwd)
+            elif kind == "lm":
+                lm_out[index] = self._lm(plan, index, fwd, train, deps)
+            else:
+                self._backward(plan, index, lm_out, deps)
+        return [lm_out[j][0] for j in range(plan.num_lm)], deps
+
+    def train_step(self, microbatches: list[Batch] | None, lr: float) -> dict[str, Any]:
+        """One optimizer step over ``microbatches`` (``None``: the encoder ranks pull from their data streams).
+
+        Returns:
+            ``{"loss", "num_tokens", "grad_norm", "step_time_s"}``; ``loss`` is the global per-token mean.
+
+        Raises:
+            ray.exceptions.RayError: an actor failed (``[stage/rank]`` in the message) or died.
+            ray.exceptions.GetTimeoutError: the step exceeded ``train.step_timeout_s``.
+        """
+        start = time.perf_counter()
+        try:
+            stats_refs, deps = self._submit(microbatches, train=True)
+            actors = self.all_actors
+            # Each actor's own unconsumed calls ride along (their None results are skipped) so that a failure there
+            # fails every optimizer step instead of letting some groups step.
+            sq_refs = [a.reduce_grads.remote(*stats_refs, *deps.get(id(a), [])) for a in actors]
+            step_refs = [a.optimizer_step.remote(lr, self.cfg.train.grad_clip, *sq_refs) for a in actors]
+            done = self._wait([*stats_refs, *step_refs])
+        except BaseException:
+            self._reset_after_failure()
+            raise
+        stats, steps = done[: len(stats_refs)], done[len(stats_refs) :]
+        return {**summarize(stats), "grad_norm": steps[0]["grad_norm"], "step_time_s": time.perf_counter() - start}
+
+    def _reset_after_failure(self, wait_s: float = 5.0) -> None:
+        """Best effort after a failed step: live actors drop partial gradients and graphs (bounded, never raises).
+
+        An actor stuck in a collective or dead is left to the caller's teardown.
+        """
+        try:
+            refs = [a.reset_step.remote() for a in self.all_actors]
+            ray.wait(refs, num_returns=len(refs), timeout=min(wait_s, self.timeout_s))
+        except Exception:  # noqa: BLE001 - the original error is what the caller needs
+            pass
+
+    def eval_step(self, microbatches: list[Batch] | None) -> dict[str, Any]:
+        """``{"loss", "num_tokens"}`` over the micro-batches (or one global batch from the streams), no gradients."""
+        stats_refs, deps = self._submit(microbatches, train=False)
+        others = deps.get(None, [])
+        return summarize(self._wait([*stats_refs, *others])[: len(stats_refs)])
+
+    # ----- data, checkpoints, views ---------------------------------------------------------------------------------
+    def set_data_iterators(self, iterators: list) -> None:
+        """Hand each encoder data-parallel rank its stream (sent to the actor; batches never pass the driver)."""
+        streams = check_iterators(iterators, self.cfg.parallel.encoder_dp, picklable=True)
+        leader = self.encoder_groups[0]
+        self._wait(leader.execute_each_async("set_data_iterator", [(s,) for s in streams]))
+
+    def use_random_data(self) -> None:
+        """Reset every encoder rank to fresh random streams (the default before ``set_data_iterators``)."""
+        self.set_data_iterators(random_streams(self.cfg))
+
+    def save_checkpoint(self, path: str) -> None:
+        """Every group writes ``<path>/<group>/tp<r>.pt`` (model + optimizer, DP rank 0 of each TP rank)."""
+        self._wait([r for g in self.groups for r in g.execute_all_async("save", str(path))])
+
+    def load_checkpoint(self, path: str) -> None:
+        """Every rank loads its group's file for its TP rank."""
+        self._wait([r for g in self.groups for r in g.execute_all_async("load", str(path))])
+
+    def _merged(self, method: str) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for part in self._wait([r for g in self.groups for r in g.execute_all_async(method)]):
+            out.update(part)
+        return out
+
+    def grads(self) -> dict[str, torch.Tensor]:
+        """Last step's pre-clip gradients, TP-gathered, keyed like the fused model (tests; pulls to the driver)."""
+        return self._merged("full_grads")
+
+    def named_parameters_full(self) -> dict[str, torch.Tensor]:
+        """Current parameters, TP-gathered, keyed like the fused model (tests; pulls to the driver)."""
+        return self._merged("full_parameters")
+
+    def close(self) -> None:
+        """Kill every actor and remove every placement group (idempotent)."""
+        if self.transport is not None:
+            self.transport.teardown()
+            self.transport = None
+        for group in self.groups:
+            group.kill()
+        self.encoder_groups = []
+        self.lm_group = None
+
+    def __enter__(self) -> DisaggregatedRuntime:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,17 @@
+"""Stage logic (tensor math, no Ray): encoder ranks, language-model ranks, the fused reference, optimizer math."""
+
+from mimo_ray.stages.base import Stage, stage_call
+from mimo_ray.stages.encoder import EncoderStage
+from mimo_ray.stages.fused import FusedStage
+from mimo_ray.stages.language import LanguageStage
+from mimo_ray.stages.streams import RandomBatchStream, random_streams
+
+__all__ = [
+    "EncoderStage",
+    "FusedStage",
+    "LanguageStage",
+    "RandomBatchStream",
+    "Stage",
+    "random_streams",
+    "stage_call",
+]

@@ -1,0 +1,316 @@
+"""The part every stage shares: process set-up (Megatron in the stage's own world), gradient bookkeeping across
+micro-batches, the data-parallel reduction, the optimizer step with a global clip, TP-gathered views for tests, and
+per-rank checkpoints. Plain Python: Ray wraps subclasses in ``mimo_ray/runtime/actor_group.py``; tests drive them
+in-process.
+
+Verbs in a step: ``(forward…/backward…)* → reduce_grads(*lm_stats) → optimizer_step(lr, clip, *sq_norms)``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+from mimo_ray.config import Config
+from mimo_ray.parallel.megatron_setup import init_megatron, seed_everything
+from mimo_ray.stages.optim import (
+    build_optimizer,
+    clip_coefficient,
+    divide_grads,
+    grad_sq_norm,
+    is_tp_sharded,
+    set_lr,
+    total_norm,
+)
+
+F = TypeVar("F", bound=Callable[..., Any])
+# Exception types that keep their type when prefixed; anything else becomes a RuntimeError.
+_KEEP_TYPES = (ValueError, TypeError, KeyError, IndexError, RuntimeError, StopIteration)
+
+
+def stage_call(fn: F) -> F:
+    """Prefix any error raised by a stage verb with ``[role/rank]`` so the driver knows where it happened."""
+
+    @functools.wraps(fn)
+    def wrapper(self: Stage, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(self, *args, **kwargs)
+        except Exception as err:
+            if str(err).startswith(f"[{self.tag}]"):
+                raise
+            kind = type(err) if type(err) in _KEEP_TYPES else RuntimeError
+            if kind is StopIteration:  # would be swallowed by generators and Ray's iteration machinery
+                kind = RuntimeError
+            raise kind(f"[{self.tag}] {type(err).__name__}: {err}") from err
+
+    return wrapper  # type: ignore[return-value]
+
+
+def ensure_megatron(*, rank: int, world_size: int, tp: int, init_method: str | None, seed: int) -> torch.device:
+    """Initialise Megatron for this stage's world, reusing an identical world-1 set-up already in the process."""
+    from megatron.core import parallel_state
+
+    if (
+        world_size == 1
+        and tp == 1
+        and parallel_state.model_parallel_is_initialized()
+        and dist.is_initialized()
+        and dist.get_world_size() == 1
+    ):
+        seed_everything(seed)
+        return torch.device(os.environ.get("MIMO_RAY_DEVICE", "cpu"))
+    return init_megatron(rank=rank, world_size=world_size, tp=tp, init_method=init_method, seed=seed)
+
+
+class Stage:
+    """Base of the encoder, language-model and fused stages.
+
+    Args:
+        cfg: the whole config.
+        role: group name shown in errors and used as the checkpoint folder (``encoder-video``, ``lm``, ``fused``).
+        rank: rank inside the stage's own torch.distributed world.
+        world_size: actors in the stage's group.
+        tp: tensor-parallel size inside the group (LM only; 1 elsewhere).
+        name_prefix: prefix that maps this stage's parameter names onto the fused model's.
+    """
+
+    def __init__(self, cfg: Config, *, role: str, rank: int, world_size: int, tp: int = 1, name_prefix: str = ""):
+        self.cfg = cfg
+        self.role = role
+        self.rank = rank
+        self.world_size = world_size
+        self.tp = tp
+        self.name_prefix = name_prefix
+        self.tag = f"{role}/{rank}"
+        self.payload_format = "numpy"
+        self.device = torch.device("cpu")
+        self.module: torch.nn.Module | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.tp_rank = 0
+        self.dp_rank = 0
+        self._in_step = False
+        self._last_grads: dict[str, torch.Tensor] = {}
+
+    # ----- set-up -------------------------------------------------------------------------------------------------
+    def build_module(self) -> torch.nn.Module:
+        """The stage's model part (subclasses)."""
+        raise NotImplementedError
+
+    @stage_call
+    def setup(self, init_method: str | None = None, payload_format: str = "numpy") -> dict[str, Any]:
+        """Join the stage's world, initialise Megatron in it, build the model part and its optimizer.
+
+        Args:
+            init_method: ``tcp://host:port`` of rank 0 (``None``: a free local port, world of 1 only).
+            payload_format: ``numpy`` (object store) or ``torch`` (Ray Direct Transport), see ``payload.py``.
+
+        Returns:
+            ``{"rank", "dp_rank", "tp_rank", "num_params"}``.
+        """
+        from megatron.core import parallel_state
+
+        threads = self.cfg.parallel.torch_num_threads
+        if threads:
+            torch.set_num_threads(threads)
+        self.payload_format = payload_format
+        self.device = ensure_megatron(
+            rank=self.rank, world_size=self.world_size, tp=self.tp, init_method=init_method, seed=self.cfg.train.seed
+        )
+        self.tp_rank = parallel_state.get_tensor_model_parallel_rank()
+        self.dp_rank = parallel_state.get_data_parallel_rank()
+        self.module = self.build_module().to(self.device)
+        self.optimizer = build_optimizer(self.module.parameters(), self.cfg.train)
+        num = sum(p.numel() for p in self.module.parameters())
+        return {"rank": self.rank, "dp_rank": self.dp_rank, "tp_rank": self.tp_rank, "num_params": num}
+
+    def _named_params(self) -> list[tuple[str, torch.nn.Parameter]]:
+        return [(n, p) for n, p in self.module.named_parameters() if p.requires_grad]
+
+    def _begin_step(self) -> None:
+        """First training call of a step: fresh gradients, forget the previous step's."""
+        if not self._in_step:
+            self._in_step = True
+            self._last_grads = {}
+            for _, p in self._named_params():
+                p.grad = None
+
+    @stage_call
+    def reset_step(self) -> None:
+        """Abandon a failed step: drop accumulated gradients and stored graphs so the next step starts clean."""
+        for _, p in self._named_params():
+            p.grad = None
+        self.__dict__.get("_graphs", {}).clear()
+        self._in_step = False
+
+    # ----- end of step --------------------------------------------------------------------------------------------
+    @stage_call
+    def reduce_grads(self, *lm_stats: dict[str, float] | None) -> float:
+        """Sum gradients over the data-parallel ranks and divide by the global loss-token count.
+
+        Args:
+            *lm_stats: the stats of every LM micro-batch of the step (each has ``num_tokens``); ``None`` entries
+                (results of earlier calls, passed only so their errors propagate) are skipped.
+
+        Returns:
+            This rank's share of the squared global grad norm (0 on DP ranks other than 0).
+
+        Raises:
+            ValueError: the global batch has no loss tokens.
+        """
+        from megatron.core import parallel_state
+
+        num_tokens = math.fsum(s["num_tokens"] for s in lm_stats if s is not None)
+        if num_tokens <= 0:
+            raise ValueError("the global batch has no loss tokens (loss_mask is all zero)")
+        params = [p for _, p in self._named_params()]
+        group = parallel_state.get_data_parallel_group()
+        if dist.get_world_size(group) > 1:
+            has_grad = torch.tensor([p.grad is not None for p in params], dtype=torch.int32)
+            dist.all_reduce(has_grad, op=dist.ReduceOp.MAX, group=group)
+            for p, has in zip(params, has_grad.tolist(), strict=True):
+                if has and p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            grads = [p.grad for p in params if p.grad is not None]
+            if grads:
+                flat = _flatten_dense_tensors(grads)
+                dist.all_reduce(flat, group=group)
+                for grad, reduced in zip(grads, _unflatten_dense_tensors(flat, grads), strict=True):
+                    grad.copy_(reduced)
+        divide_grads(params, num_tokens)
+        if self.dp_rank != 0:
+            return 0.0
+        return grad_sq_norm(self._named_params(), count_replicated=self.tp_rank == 0)
+
+    @stage_call
+    def optimizer_step(self, lr: float, max_norm: float, *sq_norms: float) -> dict[str, float]:
+        """Clip by the global norm and step; keeps the pre-clip gradients for :meth:`full_grads`.
+
+        Args:
+            lr: learning rate for this step.
+            max_norm: ``train.grad_clip`` (0 = no clipping).
+            *sq_norms: every rank's :meth:`reduce_grads` result, same order on every rank.
+
+        Returns:
+            ``{"grad_norm": pre-clip global norm, "clip_coef": applied factor}``.
+        """
+        norm = total_norm(sq_norms)
+        coef = clip_coefficient(norm, max_norm)
+        self._last_grads = {}
+        for name, p in self._named_params():
+            if p.grad is None:
+                continue
+            self._last_grads[name] = p.grad
+            if coef < 1.0:
+                p.grad = p.grad * coef  # a new tensor: the pre-clip one stays readable
+        set_lr(self.optimizer, lr)
+        self.optimizer.step()
+        for _, p in self._named_params():
+            p.grad = None
+        self._in_step = False
+        return {"grad_norm": norm, "clip_coef": coef}
+
+    # ----- views for tests and checkpoints ------------------------------------------------------------------------
+    def _gather_tp(self, param: torch.nn.Parameter, value: torch.Tensor) -> torch.Tensor:
+        """The full tensor of a TP-sharded parameter (collective over the TP group; every TP rank must call)."""
+        from megatron.core import parallel_state
+
+        if self.tp == 1 or not is_tp_sharded(param):
+            return value
+        if getattr(param, "partition_stride", 1) != 1:
+            raise ValueError(f"cannot gather a TP shard with partition_stride={param.partition_stride}")
+        group = parallel_state.get_tensor_model_parallel_group()
+        parts = [torch.empty_like(value) for _ in range(self.tp)]
+        dist.all_gather(parts, value.contiguous(), group=group)
+        return torch.cat(parts, dim=param.partition_dim)
+
+    def _full_view(self, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, p in self._named_params():
+            if name in values:
+                out[self.name_prefix + name] = self._gather_tp(p, values[name]).detach().cpu().clone()
+        return out if self.rank == 0 else {}
+
+    @stage_call
+    def full_parameters(self) -> dict[str, torch.Tensor]:
+        """Current values keyed like the fused model, TP-gathered; non-empty on rank 0 only (all ranks must call)."""
+        return self._full_view({n: p.data for n, p in self._named_params()})
+
+    @stage_call
+    def full_grads(self) -> dict[str, torch.Tensor]:
+        """Last step's pre-clip global-mean gradients keyed like the fused model; non-empty on rank 0 only."""
+        return self._full_view(self._last_grads)
+
+    def _ckpt_file(self, path: str) -> Path:
+        return Path(path) / self.role / f"tp{self.tp_rank}.pt"
+
+    @stage_call
+    def save(self, path: str) -> str | None:
+        """Write this shard's model and optimizer state (DP rank 0 of each TP rank) as a tensors-only file.
+
+        Returns:
+            The file written, or ``None`` on DP replicas.
+        """
+        if self.dp_rank != 0:
+            return None
+        file = self._ckpt_file(path)
+        file.parent.mkdir(parents=True, exist_ok=True)
+        model = {k: v.detach().cpu() for k, v in self.module.state_dict().items() if isinstance(v, torch.Tensor)}
+        torch.save({"model": model, "optimizer": self.optimizer.state_dict()}, file)
+        return str(file)
+
+    @stage_call
+    def load(self, path: str) -> None:
+        """Load the file :meth:`save` wrote for this TP rank (every DP replica reads it) with ``weights_only``.
+
+        Raises:
+            ValueError: the file is missing or does not match the model's parameters.
+        """
+        file = self._ckpt_file(path)
+        if not file.exists():
+            raise ValueError(f"checkpoint file {file} does not exist")
+        state = torch.load(file, map_location=self.device, weights_only=True)
+        result = self.module.load_state_dict(state["model"], strict=False)
+        missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
+        if missing or result.unexpected_keys:
+            raise ValueError(f"checkpoint {file}: missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self._last_grads = {}
+        self._in_step = False
+
+    # ----- how a remote caller gets a verb's list of outputs -------------------------------------------------------
+    def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        """Run a verb that returns a list of outputs, shaped for Ray's ``num_returns=len(outputs)``.
+
+        Returns:
+            The only output itself for one output (Ray does not unpack ``num_returns=1``), else a tuple.
+        """
+        outputs = getattr(self, method)(*args, **kwargs)
+        return outputs[0] if len(outputs) == 1 else tuple(outputs)
+
+    def run_stashed(self, key: str, method: str, *args: Any, **kwargs: Any) -> int:
+        """Run a verb and keep its list of outputs for :meth:`take` (Ray Direct Transport moves one object per call).
+
+        Returns:
+            The number of outputs.
+        """
+        outputs = getattr(self, method)(*args, **kwargs)
+        self.__dict__.setdefault("_stash", {})[key] = list(outputs)
+        return len(outputs)
+
+    @stage_call
+    def take(self, ready: int, key: str, index: int) -> Any:
+        """Output ``index`` of a stashed call (``ready`` is that call's result, so errors propagate in order)."""
+        stash = self.__dict__.setdefault("_stash", {})
+        outputs = stash[key]
+        value, outputs[index] = outputs[index], None
+        if all(v is None for v in outputs):
+            del stash[key]
+        return value

@@ -1,0 +1,105 @@
+"""Language-model stage: one (TP rank, DP rank) of the LM group, plain Python.
+
+Per LM micro-batch ``forward_backward`` joins the pieces that encoder ranks sent (tokens + embedding rows of
+consecutive samples), aligns the embeddings at their placeholders (C2), runs Megatron's GPTModel, backpropagates
+``sum(loss * loss_mask)`` and returns the gradient of every embedding row, cut into the same pieces.
+
+    stage = LanguageStage(cfg, rank=0, world_size=1); stage.setup()
+    stats, grad = stage.forward_backward(0, 1, {"tokens": {...}, "emb": {"video": e_NH}})
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from mimo_ray.config import Config
+from mimo_ray.model import build_lm_part
+from mimo_ray.stages.base import Stage, stage_call
+from mimo_ray.stages.payload import concat_rows, concat_tokens, loss_stats, pack, rows_per_sample, unpack
+
+
+class LanguageStage(Stage):
+    """Megatron GPTModel (text embeddings, alignment, decoder, loss) on one rank of the LM group.
+
+    Args:
+        cfg: the whole config.
+        rank: rank in the LM group's world (``tp * dp`` actors; TP ranks are consecutive).
+        world_size: ``parallel.lm_tp * parallel.lm_dp``.
+        role: group name.
+    """
+
+    def __init__(self, cfg: Config, *, rank: int = 0, world_size: int = 1, role: str = "lm"):
+        super().__init__(cfg, role=role, rank=rank, world_size=world_size, tp=cfg.parallel.lm_tp)
+
+    def build_module(self) -> torch.nn.Module:
+        return build_lm_part(self.cfg)
+
+    def _join(self, num_groups: int, payloads: tuple[Any, ...]) -> tuple[dict, dict, list[list[str]], list[dict]]:
+        """Pieces (``num_groups`` payloads each, group 0 holding the tokens) → one batch.
+
+        Returns:
+            ``(tokens {key: [B, S]}, embeddings {modality: [N, H]}, modalities per group, per-piece tokens)``.
+        """
+        if not payloads or len(payloads) % num_groups:
+            raise ValueError(f"{len(payloads)} payloads cannot be split into pieces of {num_groups} groups")
+        pieces = [
+            [unpack(payloads[p * num_groups + g], self.device) for g in range(num_groups)]
+            for p in range(len(payloads) // num_groups)
+        ]
+        piece_tokens = [piece[0]["tokens"] for piece in pieces]
+        groups = [sorted(pieces[0][g]["emb"]) for g in range(num_groups)]
+        emb = concat_rows([{k: v for part in piece for k, v in part["emb"].items()} for piece in pieces])
+        return concat_tokens(piece_tokens), emb, groups, piece_tokens
+
+    def _loss(self, tokens: dict, emb: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        loss_BS = self.module.forward_lm(tokens["input_ids"], tokens["position_ids"], emb, tokens["labels"])
+        mask_BS = tokens["loss_mask"].to(loss_BS.dtype)
+        return (loss_BS * mask_BS).sum(), mask_BS.sum()
+
+    @stage_call
+    def forward_backward(self, key: Any, num_groups: int, *payloads: Any, return_grads: bool = True) -> list[Any]:
+        """Forward and backward of one LM micro-batch; gradients accumulate until the optimizer step.
+
+        Args:
+            key: micro-batch id (for errors and logs).
+            num_groups: encoder groups; ``payloads`` holds ``num_groups`` consecutive payloads per piece.
+            *payloads: per piece, per group: ``{"emb": {modality: [N_piece, H]}}`` (+ ``"tokens"`` from group 0),
+                pieces in sample order.
+            return_grads: return stats and embedding gradients (TP rank 0); other TP ranks return ``[None]``.
+
+        Returns:
+            ``[stats, grad payload per piece per group…]`` where stats is ``{"loss_sum", "num_tokens",
+            "num_samples"}`` and a grad payload is ``{modality: [N_piece, H]}`` for that group's modalities.
+        """
+        self._begin_step()
+        tokens, emb, groups, piece_tokens = self._join(num_groups, payloads)
+        emb = {name: rows.requires_grad_() for name, rows in emb.items()}
+        loss_sum, num_tokens = self._loss(tokens, emb)
+        loss_sum.backward()
+        stats = loss_stats(loss_sum, num_tokens, tokens["input_ids"].shape[0])
+        if not return_grads:
+            return [None]
+        ids = self.cfg.model.special_token_ids
+        outputs: list[Any] = [stats]
+        first = dict.fromkeys(emb, 0)
+        for part in piece_tokens:
+            rows = {name: sum(rows_per_sample(part["input_ids"], ids[name])) for name in emb}
+            for mods in groups:
+                grad = {}
+                for name in mods:
+                    full = emb[name].grad if emb[name].grad is not None else torch.zeros_like(emb[name])
+                    grad[name] = full[first[name] : first[name] + rows[name]]
+                outputs.append(pack(grad, self.payload_format))
+            for name in emb:
+                first[name] += rows[name]
+        return outputs
+
+    @stage_call
+    def forward_only(self, key: Any, num_groups: int, *payloads: Any) -> list[dict[str, float]]:
+        """Evaluation: the stats of one LM micro-batch without gradients (same arguments as forward_backward)."""
+        tokens, emb, _, _ = self._join(num_groups, payloads)
+        with torch.no_grad():
+            loss_sum, num_tokens = self._loss(tokens, emb)
+        return [loss_stats(loss_sum, num_tokens, tokens["input_ids"].shape[0])]

@@ -1,0 +1,106 @@
+"""Optimizer and gradient arithmetic shared by every stage and by the fused runtime, so both runtimes run one math.
+
+A step is: accumulate ``sum(loss * loss_mask)`` gradients over micro-batches → data-parallel sum → divide by the
+global token count → global grad norm from every group's contribution → clip → AdamW.
+
+    opt = build_optimizer(model.parameters(), cfg.train)
+    part = grad_sq_norm(model.named_parameters(), count_replicated=True)
+    norm = total_norm([part, *other_groups_parts]); scale_grads(params, clip_coefficient(norm, cfg.train.grad_clip))
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+
+from mimo_ray.config import TrainConfig
+
+# torch.nn.utils.clip_grad_norm_ adds this to the norm before dividing.
+CLIP_EPS = 1e-6
+
+
+def build_optimizer(params: Iterable[torch.nn.Parameter], train: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over ``params`` with betas / eps / weight decay from ``train`` (the lr is set per step).
+
+    Args:
+        params: the parameters this process owns (a TP shard is optimised where it lives).
+        train: the ``train`` section of the config.
+
+    Returns:
+        The optimizer.
+    """
+    return torch.optim.AdamW(
+        [p for p in params if p.requires_grad],
+        lr=train.lr,
+        betas=(train.adam_beta1, train.adam_beta2),
+        eps=getattr(train, "adam_eps", 1e-8),
+        weight_decay=train.weight_decay,
+    )
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set the learning rate of every parameter group."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def is_tp_sharded(param: torch.Tensor) -> bool:
+    """Whether Megatron split this parameter across tensor-parallel ranks (each rank holds a distinct shard)."""
+    return bool(getattr(param, "tensor_model_parallel", False))
+
+
+def grad_sq_norm(named_params: Iterable[tuple[str, torch.Tensor]], *, count_replicated: bool) -> float:
+    """Share of the squared global gradient norm held by this process, in float64.
+
+    TP-sharded parameters are counted on every TP rank (each holds a different shard); replicated ones only where
+    ``count_replicated`` (TP rank 0), so each element of the full model is counted exactly once.
+
+    Args:
+        named_params: ``(name, parameter)`` pairs; parameters without a gradient are skipped.
+        count_replicated: count parameters that every TP rank holds in full.
+
+    Returns:
+        Sum of squared gradient elements.
+    """
+    parts = [
+        float(p.grad.double().pow(2).sum())
+        for _, p in named_params
+        if p.grad is not None and (count_replicated or is_tp_sharded(p))
+    ]
+    return math.fsum(parts)
+
+
+def total_norm(sq_parts: Iterable[float]) -> float:
+    """Global L2 norm from the squared contributions of all groups and ranks (order-independent sum)."""
+    return math.sqrt(math.fsum(sq_parts))
+
+
+def clip_coefficient(norm: float, max_norm: float) -> float:
+    """Scale that brings the global grad norm to ``max_norm`` (``torch.nn.utils.clip_grad_norm_``'s rule).
+
+    Args:
+        norm: the pre-clip global norm.
+        max_norm: ``train.grad_clip``; ``0`` disables clipping.
+
+    Returns:
+        A factor ``<= 1`` (``1.0`` when no clipping applies).
+    """
+    if max_norm <= 0:
+        return 1.0
+    return min(1.0, max_norm / (norm + CLIP_EPS))
+
+
+def scale_grads(params: Iterable[torch.Tensor], factor: float) -> None:
+    """Multiply every existing gradient in place by ``factor``."""
+    for p in params:
+        if p.grad is not None:
+            p.grad.mul_(factor)
+
+
+def divide_grads(params: Iterable[torch.Tensor], divisor: float) -> None:
+    """Divide every existing gradient in place (turns summed per-token losses into the global mean)."""
+    for p in params:
+        if p.grad is not None:
+            p.grad.div_(divisor)
