@@ -167,9 +167,7 @@ class DisaggregatedRuntime:
         """Encoder backward of micro-batch ``k`` in every group from the gradients of its pieces."""
         num_groups = len(self.encoder_groups)
         for g, group in enumerate(self.encoder_groups):
-            grads = [
-                lm_out[p.lm_mb][1 + plan.lm_pieces(p.lm_mb).index(p) * num_groups + g] for p in plan.enc_pieces(k)
-            ]
+            grads = [lm_out[p.lm_mb][1 + plan.lm_pieces(p.lm_mb).index(p) * num_groups + g] for p in plan.enc_pieces(k)]
             actor = group.actors[plan.enc_rank[k]]
             deps.setdefault(id(actor), []).append(actor.backward_step.remote(k, *grads))
 

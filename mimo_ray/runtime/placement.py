@@ -125,9 +125,7 @@ def create_placement_group(spec: GroupSpec, timeout_s: float, generation: int = 
     Raises:
         InsufficientResourcesError: not ready within ``timeout_s`` (e.g. no single node has a bundle's mix).
     """
-    pg = placement_group(
-        [spec.bundle] * spec.num_actors, strategy="PACK", name=f"mimo/{spec.name}.g{generation}"
-    )
+    pg = placement_group([spec.bundle] * spec.num_actors, strategy="PACK", name=f"mimo/{spec.name}.g{generation}")
     ready, _ = ray.wait([pg.ready()], timeout=timeout_s)
     if not ready:
         remove_placement_group(pg)

@@ -38,6 +38,20 @@ class RandomBatchStream:
             index += self.world_size
 
 
+class ListStream:
+    """A fixed list of micro-batches, replayed once per ``iter()`` (picklable; for tests and replays).
+
+    Args:
+        batches: C1 micro-batches.
+    """
+
+    def __init__(self, batches: list[dict[str, Any]]):
+        self.batches = list(batches)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return iter(self.batches)
+
+
 def random_streams(cfg: Config) -> list[RandomBatchStream]:
     """One :class:`RandomBatchStream` per encoder data-parallel rank."""
     dp = cfg.parallel.encoder_dp

@@ -1,0 +1,120 @@
+"""Lifecycle of the disaggregated runtime on local Ray: names, data streams, checkpoints, failures, teardown."""
+
+import pytest
+import ray
+import torch
+
+from mimo_ray.config import load_config
+from mimo_ray.model.inputs import random_batch
+from mimo_ray.runtime import InsufficientResourcesError, build_runtime
+from mimo_ray.stages import ListStream
+
+
+@pytest.fixture(scope="module")
+def runtimes(ray_local, megatron_world, small_cfg, small_overrides):
+    fused = build_runtime(load_config("tiny", [*small_overrides, "train.runtime=fused"]))
+    dis = build_runtime(small_cfg)
+    yield fused, dis
+    dis.close()
+    fused.close()
+
+
+def _same_params(a, b):
+    pa, pb = a.named_parameters_full(), b.named_parameters_full()
+    return set(pa) == set(pb) and all(torch.equal(pa[k], pb[k]) for k in pa)
+
+
+def test_actors_are_named_and_placed(runtimes):
+    _, dis = runtimes
+    gen = dis.generation
+    for name in (f"mimo/encoder-shared/0.g{gen}", f"mimo/lm/0.g{gen}"):
+        assert ray.get_actor(name) is not None
+    assert dis.transport.name == "object_store"
+    table = ray.util.placement_group_table()
+    names = {v["name"] for v in table.values() if v["state"] == "CREATED"}
+    assert {f"mimo/encoder-shared.g{gen}", f"mimo/lm.g{gen}"} <= names
+
+
+def test_streams_pulled_by_encoder_actors_match_fused(runtimes, small_cfg):
+    fused, dis = runtimes
+    batches = [random_batch(small_cfg, 2, seed=70 + i) for i in range(4)]
+    fused.set_data_iterators([iter(batches)])  # the fused runtime takes plain generators too
+    dis.set_data_iterators([ListStream(batches)])
+    for _ in range(2):
+        a, b = fused.train_step(None, 1e-3), dis.train_step(None, 1e-3)
+        assert a["loss"] == b["loss"] and a["num_tokens"] == b["num_tokens"] and a["grad_norm"] == b["grad_norm"]
+    assert _same_params(fused, dis)
+    with pytest.raises(RuntimeError, match=r"\[encoder-shared/0\].*exhausted"):
+        dis.train_step(None, 1e-3)
+    with pytest.raises(TypeError, match="generator object"):
+        dis.set_data_iterators([(b for b in batches)])
+    with pytest.raises(ValueError, match="parallel.encoder_dp=1"):
+        dis.set_data_iterators([batches, batches])
+    dis.use_random_data()
+    fused.set_data_iterators([iter([])])
+
+
+def test_checkpoint_resume_is_exact(runtimes, microbatches, tmp_path):
+    fused, dis = runtimes
+    dis.save_checkpoint(str(tmp_path / "dis"))
+    fused.save_checkpoint(str(tmp_path / "fused"))
+    files = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.pt"))
+    assert files == ["dis/encoder-shared/tp0.pt", "dis/lm/tp0.pt", "fused/fused/tp0.pt"]
+    for file in tmp_path.rglob("*.pt"):
+        assert set(torch.load(file, weights_only=True)) == {"model", "optimizer"}
+    first = dis.train_step(microbatches, 1e-3)
+    dis.load_checkpoint(str(tmp_path / "dis"))
+    again = dis.train_step(microbatches, 1e-3)
+    assert again["loss"] == first["loss"] and again["grad_norm"] == first["grad_norm"]
+    fused.load_checkpoint(str(tmp_path / "fused"))
+    ref = fused.train_step(microbatches, 1e-3)
+    assert ref["loss"] == again["loss"]
+    assert _same_params(fused, dis)
+
+
+def test_bad_batch_raises_with_stage_and_rank_then_recovers(runtimes, microbatches):
+    fused, dis = runtimes
+    bad = [dict(mb) for mb in microbatches]
+    bad[1]["input_ids"] = bad[1]["input_ids"].clone()
+    bad[1]["input_ids"][0, -1] = 261  # one video placeholder too many
+    with pytest.raises(ValueError, match=r"\[encoder-shared/0\].*'video': 33 placeholder tokens in input_ids but 32"):
+        dis.train_step(bad, 1e-3)
+    a, b = fused.train_step(microbatches, 1e-3), dis.train_step(microbatches, 1e-3)  # partial step was dropped
+    assert a["loss"] == b["loss"] and a["grad_norm"] == b["grad_norm"]
+    assert dis.eval_step(microbatches)["loss"] == fused.eval_step(microbatches)["loss"]
+
+
+def test_step_timeout_raises(runtimes, microbatches):
+    _, dis = runtimes
+    dis.timeout_s = 1e-4
+    try:
+        with pytest.raises(ray.exceptions.GetTimeoutError):
+            dis.train_step(microbatches, 1e-3)
+    finally:
+        dis.timeout_s = 300.0
+    ray.get([a.reset_step.remote() for a in dis.all_actors], timeout=60)
+
+
+def test_dead_actor_surfaces_and_close_cleans_up(ray_local, megatron_world, small_cfg, microbatches):
+    dis = build_runtime(small_cfg)
+    gen = dis.generation
+    ray.kill(dis.lm_group.actors[0], no_restart=True)
+    with pytest.raises(ray.exceptions.RayError):
+        dis.train_step(microbatches, 1e-3)
+    dis.close()
+    dis.close()  # idempotent
+    for name in (f"mimo/encoder-shared/0.g{gen}", f"mimo/lm/0.g{gen}"):
+        with pytest.raises(ValueError):
+            ray.get_actor(name)
+    states = {v["name"]: v["state"] for v in ray.util.placement_group_table().values()}
+    assert states[f"mimo/lm.g{gen}"] == states[f"mimo/encoder-shared.g{gen}"] == "REMOVED"
+
+
+def test_impossible_placement_fails_before_any_actor(ray_local, small_overrides):
+    cfg = load_config(
+        "tiny", [*small_overrides, "parallel.lm_resources={lm_gpu: 1}", "parallel.placement_timeout_s=0.5"]
+    )
+    before = len(ray.util.list_named_actors())
+    with pytest.raises(InsufficientResourcesError, match=r"needs \{CPU: 0.5, lm_gpu: 1\} for .* cluster has \{CPU: "):
+        build_runtime(cfg)
+    assert len(ray.util.list_named_actors()) == before
