@@ -10,6 +10,7 @@ rendezvous). Stage classes stay plain Python; this module is the only place they
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -33,9 +34,27 @@ def _rendezvous_address(_stage: Any) -> str:
     return f"tcp://{ray.util.get_node_ip_address()}:{free_port()}"
 
 
-def get(refs: Any, timeout_s: float) -> Any:
-    """``ray.get`` with a timeout (every wait on actors is bounded, NOTES §3)."""
-    return ray.get(refs, timeout=timeout_s)
+def get(refs: ray.ObjectRef | list[ray.ObjectRef], timeout_s: float) -> Any:
+    """``ray.get`` that is bounded (NOTES §3) and fails fast: the first failed result raises at once, even while
+    other results are still pending (e.g. an actor blocked in a collective with a peer that died).
+
+    Raises:
+        ray.exceptions.GetTimeoutError: not all results arrived within ``timeout_s``.
+        ray.exceptions.RayError: the first failure among the results.
+    """
+    if isinstance(refs, ray.ObjectRef):
+        return get([refs], timeout_s)[0]
+    deadline = time.monotonic() + timeout_s
+    pending = list(refs)
+    while pending:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise ray.exceptions.GetTimeoutError(
+                f"{len(pending)} of {len(refs)} actor results not ready after {timeout_s:g} s"
+            )
+        ready, pending = ray.wait(pending, num_returns=1, timeout=remaining)
+        ray.get(ready, timeout=remaining)  # raises the failure of a finished task now
+    return ray.get(list(refs), timeout=max(deadline - time.monotonic(), 1.0))
 
 
 class ActorGroup:
@@ -69,7 +88,7 @@ class ActorGroup:
             for rank in range(spec.num_actors):
                 options = {
                     "name": f"mimo/{spec.name}/{rank}.g{generation}",
-                    "num_cpus": spec.num_cpus,
+                    "num_cpus": spec.bundle.get("CPU", 0.0),
                     "num_gpus": spec.num_gpus,
                     "resources": dict(spec.resources),
                     "max_restarts": 0,

@@ -16,6 +16,8 @@ from ray.util.placement_group import PlacementGroup, placement_group, remove_pla
 
 from mimo_ray.config import Config
 
+MIN_CPU = 0.001
+
 
 class InsufficientResourcesError(RuntimeError):
     """The cluster cannot host the stage groups (after the bounded wait)."""
@@ -45,11 +47,12 @@ class GroupSpec:
 
     @property
     def bundle(self) -> dict[str, float]:
-        """One actor's bundle."""
+        """One actor's bundle (never empty: Ray rejects empty bundles, so ``num_cpus=0`` alone reserves 0.001)."""
         bundle = {"CPU": self.num_cpus, **self.resources}
         if self.num_gpus:
             bundle["GPU"] = self.num_gpus
-        return {k: v for k, v in bundle.items() if v}
+        bundle = {k: v for k, v in bundle.items() if v}
+        return bundle or {"CPU": MIN_CPU}
 
 
 def group_specs(cfg: Config) -> list[GroupSpec]:

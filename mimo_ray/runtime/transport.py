@@ -30,6 +30,7 @@ from mimo_ray.config import ParallelConfig
 OBJECT_STORE = "object_store"
 NCCL = "nccl"
 CUDA_IPC = "cuda_ipc"
+GLOO = "gloo"
 
 
 @dataclass(frozen=True)
@@ -103,28 +104,31 @@ class ObjectStoreTransport:
 
 
 class DirectTransport(ObjectStoreTransport):
-    """Ray Direct Transport (``nccl`` or ``cuda_ipc``): tensors stay on the producer's GPU until consumed.
+    """Ray Direct Transport: tensors stay on the producer until the consuming task pulls them.
 
     Args:
-        name: ``nccl`` or ``cuda_ipc``.
+        name: ``nccl`` or ``cuda_ipc`` (GPU stage actors). ``gloo`` also works between CPU actors *without*
+            Megatron (its communicator would take over their default torch.distributed group, NOTES §3), so no
+            config selects it; the plumbing tests use it.
     """
 
     payload_format = "torch"
     needs_tensor_transport = True
 
     def __init__(self, name: str):
-        if name not in (NCCL, CUDA_IPC):
+        if name not in (NCCL, CUDA_IPC, GLOO):
             raise ValueError(f"unknown direct transport {name!r}; choose nccl or cuda_ipc")
         self.name = name
         self._group = None
         self._keys = itertools.count()
 
     def setup(self, actors: Sequence[Any]) -> None:
-        """NCCL: one communicator over every stage actor (ranks in the given order). CUDA IPC needs none."""
-        if self.name == NCCL:
+        """NCCL / gloo: one communicator over every stage actor (ranks in the given order). CUDA IPC needs none."""
+        if self.name in (NCCL, GLOO):
             from ray.experimental.collective import create_collective_group
 
-            self._group = create_collective_group(list(actors), backend="nccl", name=f"mimo-rdt-{id(self)}")
+            backend = "nccl" if self.name == NCCL else "torch_gloo"
+            self._group = create_collective_group(list(actors), backend=backend, name=f"mimo-rdt-{id(self)}")
 
     def call(
         self,

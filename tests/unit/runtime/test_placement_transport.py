@@ -30,6 +30,7 @@ def test_group_specs_shared_and_per_modality():
     assert [s.name for s in per] == ["encoder-video", "encoder-audio", "lm"]
     assert per[0].bundle == {"CPU": 0.25, "GPU": 0.5}
     assert shortfall({"CPU": 2, "GPU": 1}, {"CPU": 4}) == {"GPU": 1}
+    assert group_specs(load_config("tiny", ["parallel.cpus_per_actor=0"]))[0].bundle == {"CPU": 0.001}
 
 
 def test_resource_check_names_need_and_have(ray_local):
