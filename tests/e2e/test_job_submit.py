@@ -1,0 +1,89 @@
+"""`ray start --head` + `ray job submit --working-dir .` of jobs/train.py on a real local cluster."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from mimo_ray.parallel.megatron_setup import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+
+def _env():
+    env = dict(os.environ)
+    env["PATH"] = f"{BIN}{os.pathsep}{env['PATH']}"  # the job's `python` is the one on the head's PATH
+    env.update(RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled")
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+def _wait_http(url: str, timeout_s: float) -> None:
+    import urllib.request
+
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(url + "/api/version", timeout=2):
+                return
+        except OSError:
+            time.sleep(1)
+    raise TimeoutError(f"dashboard at {url} did not come up in {timeout_s}s")
+
+
+@pytest.mark.cluster
+def test_ray_job_submit_trains_and_checkpoints(tmp_path):
+    gcs, dash = free_port(), free_port()
+    temp_dir = Path("/tmp") / f"ray_jobtest_{gcs}"
+    head = subprocess.Popen(
+        [
+            str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs}", f"--dashboard-port={dash}",
+            "--dashboard-host=127.0.0.1", "--include-dashboard=true", "--num-cpus=4",
+            f"--temp-dir={temp_dir}", "--disable-usage-stats",
+        ],
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    address = f"http://127.0.0.1:{dash}"
+    out = tmp_path / "run"
+    try:
+        _wait_http(address, 90)
+        submit = subprocess.run(
+            [
+                str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", ".", "--",
+                "python", "jobs/train.py", "--preset", "tiny", "--max-steps", "3", "--output-dir", str(out),
+                "train.ckpt_interval=2",
+            ],
+            cwd=ROOT,
+            env=_env(),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
+        job_id = re.search(r"raysubmit_\w+", submit.stdout + submit.stderr).group(0)
+        from ray.job_submission import JobStatus, JobSubmissionClient
+
+        assert JobSubmissionClient(address).get_job_status(job_id) == JobStatus.SUCCEEDED
+        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in records] == [1, 2, 3]
+        assert (out / "checkpoints" / "latest").read_text().strip() == "step_0000003"
+        assert (out / "checkpoints" / "step_0000003" / "COMPLETE").exists()
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["runtime"] == "disaggregated" and summary["steps"] == 3
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+        subprocess.run(["pkill", "-f", str(temp_dir)], check=False)
