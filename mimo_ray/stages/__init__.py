@@ -4,14 +4,13 @@ from mimo_ray.stages.base import Stage, stage_call
 from mimo_ray.stages.encoder import EncoderStage
 from mimo_ray.stages.fused import FusedStage
 from mimo_ray.stages.language import LanguageStage
-from mimo_ray.stages.streams import ListStream, RandomBatchStream, random_streams
+from mimo_ray.stages.streams import ListStream, random_streams
 
 __all__ = [
     "EncoderStage",
     "FusedStage",
     "LanguageStage",
     "ListStream",
-    "RandomBatchStream",
     "Stage",
     "random_streams",
     "stage_call",

@@ -18,10 +18,10 @@ from typing import Any
 import torch
 
 from mimo_ray.config import Config
+from mimo_ray.data.random_stream import RandomBatchStream
 from mimo_ray.model import build_encoder_part, encode_modalities
 from mimo_ray.stages.base import Stage, stage_call
 from mimo_ray.stages.payload import TOKEN_KEYS, batch_size, concat_rows, pack, slice_samples, unpack
-from mimo_ray.stages.streams import RandomBatchStream
 
 
 class EncoderStage(Stage):
@@ -62,7 +62,7 @@ class EncoderStage(Stage):
     def set_data_iterator(self, iterable: Iterable | None) -> None:
         """Read micro-batches from ``iterable`` (``None``: correctly shaped random batches for this rank)."""
         if iterable is None:
-            iterable = RandomBatchStream(self.cfg, rank=self.rank, world_size=self.world_size)
+            iterable = RandomBatchStream(self.cfg, rank=self.rank, num_ranks=self.world_size)
         elif callable(iterable) and not hasattr(iterable, "__iter__"):
             iterable = iterable()
         self._data = iter(iterable)

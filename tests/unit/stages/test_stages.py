@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from mimo_ray.config import load_config
+from mimo_ray.data.random_stream import RandomBatchStream
 from mimo_ray.model.inputs import random_batch
-from mimo_ray.stages import EncoderStage, FusedStage, LanguageStage, RandomBatchStream
+from mimo_ray.stages import EncoderStage, FusedStage, LanguageStage
 from mimo_ray.stages.payload import pack
 
 
@@ -136,7 +137,7 @@ def test_checkpoint_roundtrip_and_stash(stages, cfg, tmp_path):
 
 def test_random_streams_interleave_to_one_sequence(cfg):
     one = list(itertools.islice(RandomBatchStream(cfg), 4))
-    two = [RandomBatchStream(cfg, rank=r, world_size=2) for r in range(2)]
+    two = [RandomBatchStream(cfg, rank=r, num_ranks=2) for r in range(2)]
     its = [iter(s) for s in two]
     mixed = [next(its[k % 2]) for k in range(4)]
     for a, b in zip(one, mixed, strict=True):
