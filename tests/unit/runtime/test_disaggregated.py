@@ -1,5 +1,7 @@
 """Lifecycle of the disaggregated runtime on local Ray: names, data streams, checkpoints, failures, teardown."""
 
+import time
+
 import pytest
 import ray
 import torch
@@ -95,15 +97,17 @@ def test_step_timeout_raises(runtimes, microbatches):
     ray.get([a.reset_step.remote() for a in dis.all_actors], timeout=60)
 
 
-def test_dead_actor_surfaces_and_close_cleans_up(ray_local, megatron_world, small_cfg, microbatches):
-    dis = build_runtime(small_cfg)
+def test_dead_tp_peer_surfaces_fast_and_close_cleans_up(ray_local, megatron_world, small_overrides, microbatches):
+    dis = build_runtime(load_config("tiny", [*small_overrides, "parallel.lm_tp=2"]))
     gen = dis.generation
-    ray.kill(dis.lm_group.actors[0], no_restart=True)
+    ray.kill(dis.lm_group.actors[1], no_restart=True)  # TP rank 0 is left alone in its collectives
+    start = time.monotonic()
     with pytest.raises(ray.exceptions.RayError):
         dis.train_step(microbatches, 1e-3)
+    assert time.monotonic() - start < 60
     dis.close()
     dis.close()  # idempotent
-    for name in (f"mimo/encoder-shared/0.g{gen}", f"mimo/lm/0.g{gen}"):
+    for name in (f"mimo/encoder-shared/0.g{gen}", f"mimo/lm/0.g{gen}", f"mimo/lm/1.g{gen}"):
         with pytest.raises(ValueError):
             ray.get_actor(name)
     states = {v["name"]: v["state"] for v in ray.util.placement_group_table().values()}
