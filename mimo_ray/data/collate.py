@@ -1,0 +1,249 @@
+"""Decoded samples (Arrow rows, in plan order) → C1 micro-batches.
+
+The same :class:`MicroBatcher` runs in the driver (``next_step``) and in the Ray Data collate actor (per-rank
+streams), so both runtimes see identical micro-batches: good samples are taken in plan order, ``micro_batch_size`` at
+a time; bad ones go to the quarantine callback. Arrays travel as raw bytes (fixed shapes known from the config), which
+keeps Ray Data away from tensor-extension types and string columns away from ``iter_torch_batches``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from mimo_ray.data.quarantine import BadRow
+
+MODALITY_COLUMNS = {"video": "m_video", "audio": "m_audio", "images": "m_images"}
+
+#: One decoded sample (output of the decode op).
+DECODED_SCHEMA = pa.schema(
+    [
+        ("pos", pa.int64()),  # global plan position (epoch * num_rows + offset)
+        ("epoch", pa.int64()),
+        ("row", pa.int64()),  # manifest row index
+        ("id", pa.string()),
+        ("ok", pa.bool_()),
+        ("stage", pa.string()),
+        ("error", pa.string()),
+        ("path", pa.string()),
+        ("tokens", pa.binary()),  # int32: padded input ids [S] (train/eval) or the unpadded prompt (infer)
+        ("labels", pa.binary()),  # int32 [S] (train/eval)
+        ("loss_mask", pa.binary()),  # uint8 [S] (train/eval)
+        ("answer", pa.string()),  # reference answer (infer)
+        ("meta", pa.string()),  # JSON metadata of the manifest row
+        ("m_video", pa.binary()),
+        ("m_audio", pa.binary()),
+        ("m_images", pa.binary()),
+    ]
+)
+
+#: One collated micro-batch (output of the collate actor, one row per block).
+MICROBATCH_SCHEMA = pa.schema(
+    [
+        ("index", pa.int64()),  # global micro-batch index
+        ("ids", pa.string()),  # JSON list
+        ("size", pa.int64()),
+        ("input_ids", pa.binary()),
+        ("labels", pa.binary()),
+        ("loss_mask", pa.binary()),
+        ("m_video", pa.binary()),
+        ("m_audio", pa.binary()),
+        ("m_images", pa.binary()),
+    ]
+)
+
+
+@dataclass(frozen=True)
+class BatchLayout:
+    """Shapes and names needed to rebuild tensors from bytes (computed from the config in the driver).
+
+    Attributes:
+        seq_length: S.
+        shapes: per-sample encoder input shape of each modality.
+        encoders: ``{modality: (encoder_name, kwarg)}`` of ``modality_inputs``.
+    """
+
+    seq_length: int
+    shapes: tuple[tuple[str, tuple[int, ...]], ...]
+    encoders: tuple[tuple[str, tuple[str, str]], ...]
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> BatchLayout:
+        from mimo_ray.model.spec import INPUT_KWARG, encoder_name, input_shape
+
+        mods = list(cfg.model.modalities)
+        return cls(
+            seq_length=cfg.model.lm.seq_length,
+            shapes=tuple((m, tuple(input_shape(cfg, m))) for m in mods),
+            encoders=tuple((m, (encoder_name(cfg.model, m), INPUT_KWARG[m])) for m in mods),
+        )
+
+    @property
+    def modalities(self) -> list[str]:
+        return [m for m, _ in self.shapes]
+
+    def shape(self, modality: str) -> tuple[int, ...]:
+        return dict(self.shapes)[modality]
+
+
+@dataclass
+class MicroBatch:
+    """One micro-batch in numpy: ``input_ids/labels`` int64 ``[B, S]``, ``loss_mask`` float32 ``[B, S]``,
+    ``media[modality]`` float32 ``[B, *shape]``; ``ids`` the sample ids.
+    """
+
+    index: int
+    ids: list[str]
+    input_ids: np.ndarray
+    labels: np.ndarray
+    loss_mask: np.ndarray
+    media: dict[str, np.ndarray]
+
+    def to_batch(self, layout: BatchLayout) -> dict[str, Any]:
+        """The C1 batch (torch tensors) the model consumes, plus ``ids``."""
+        import torch
+
+        size, seq = self.input_ids.shape
+        encoders = dict(layout.encoders)
+        modality_inputs = {
+            mod: {encoders[mod][0]: {encoders[mod][1]: torch.from_numpy(np.array(arr, dtype=np.float32))}}
+            for mod, arr in self.media.items()
+        }
+        return {
+            "input_ids": torch.from_numpy(self.input_ids.astype(np.int64)),
+            "position_ids": torch.arange(seq, dtype=torch.long).unsqueeze(0).expand(size, seq).contiguous(),
+            "labels": torch.from_numpy(self.labels.astype(np.int64)),
+            "loss_mask": torch.from_numpy(self.loss_mask.astype(np.float32)),
+            "modality_inputs": modality_inputs,
+            "ids": list(self.ids),
+        }
+
+    def to_row(self) -> dict[str, Any]:
+        """A :data:`MICROBATCH_SCHEMA` row."""
+        row = {
+            "index": self.index,
+            "ids": json.dumps(self.ids),
+            "size": len(self.ids),
+            "input_ids": self.input_ids.astype(np.int32).tobytes(),
+            "labels": self.labels.astype(np.int32).tobytes(),
+            "loss_mask": self.loss_mask.astype(np.uint8).tobytes(),
+        }
+        for mod, col in MODALITY_COLUMNS.items():
+            row[col] = self.media[mod].tobytes() if mod in self.media else b""
+        return row
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any], layout: BatchLayout) -> MicroBatch:
+        size, seq = int(row["size"]), layout.seq_length
+
+        def tokens(name: str, dtype: type) -> np.ndarray:
+            return np.frombuffer(row[name], dtype=dtype).reshape(size, seq)
+
+        media = {
+            mod: np.frombuffer(row[MODALITY_COLUMNS[mod]], dtype=np.float32).reshape(size, *layout.shape(mod))
+            for mod in layout.modalities
+        }
+        return cls(
+            index=int(row["index"]),
+            ids=json.loads(row["ids"]),
+            input_ids=tokens("input_ids", np.int32).astype(np.int64),
+            labels=tokens("labels", np.int32).astype(np.int64),
+            loss_mask=tokens("loss_mask", np.uint8).astype(np.float32),
+            media=media,
+        )
+
+
+def bad_row_of(row: dict[str, Any], manifest: str, split: str) -> BadRow:
+    """The quarantine record of a decoded row with ``ok=False``."""
+    return BadRow(
+        id=row["id"], path=row["path"] or "", stage=row["stage"], error=row["error"] or "",
+        manifest=manifest, row=int(row["row"]), split=split,
+    )  # fmt: skip
+
+
+class MicroBatcher:
+    """Groups good decoded samples, in order, into micro-batches of ``micro_batch_size``.
+
+    Args:
+        layout: shapes.
+        micro_batch_size: B.
+        start_index: global index of the first micro-batch it emits.
+        on_bad: called with ``(epoch, BadRow)`` for every bad row, in order (quarantine + bad-data gate).
+        manifest, split: for the quarantine records.
+    """
+
+    def __init__(
+        self,
+        layout: BatchLayout,
+        micro_batch_size: int,
+        start_index: int,
+        on_bad: Callable[[int, BadRow], None],
+        manifest: str = "",
+        split: str = "",
+    ) -> None:
+        self.layout = layout
+        self.micro_batch_size = micro_batch_size
+        self.next_index = start_index
+        self.on_bad = on_bad
+        self.manifest = manifest
+        self.split = split
+        self._pending: list[dict[str, Any]] = []
+        self.rows_in = 0
+        self.rows_out = 0
+        self.rows_bad = 0
+        self.last_pos = -1
+
+    def add(self, table: pa.Table) -> list[MicroBatch]:
+        """Feed decoded rows (in plan order); returns the micro-batches completed by them."""
+        out = []
+        for row in table.to_pylist():
+            self.rows_in += 1
+            if row["pos"] <= self.last_pos:
+                raise RuntimeError(f"decoded rows arrived out of plan order ({row['pos']} after {self.last_pos})")
+            self.last_pos = row["pos"]
+            if not row["ok"]:
+                self.rows_bad += 1
+                self.on_bad(int(row["epoch"]), bad_row_of(row, self.manifest, self.split))
+                continue
+            self._pending.append(row)
+            if len(self._pending) == self.micro_batch_size:
+                out.append(self._collate(self._pending))
+                self._pending = []
+        return out
+
+    def flush(self) -> list[MicroBatch]:
+        """The trailing partial micro-batch (finite splits), if any."""
+        if not self._pending:
+            return []
+        batch = self._collate(self._pending)
+        self._pending = []
+        return [batch]
+
+    def _collate(self, rows: list[dict[str, Any]]) -> MicroBatch:
+        size, seq = len(rows), self.layout.seq_length
+
+        def stack(name: str, dtype: type) -> np.ndarray:
+            return np.frombuffer(b"".join(r[name] for r in rows), dtype=dtype).reshape(size, seq)
+
+        media = {
+            mod: np.frombuffer(b"".join(r[MODALITY_COLUMNS[mod]] for r in rows), dtype=np.float32).reshape(
+                size, *self.layout.shape(mod)
+            )
+            for mod in self.layout.modalities
+        }
+        batch = MicroBatch(
+            index=self.next_index,
+            ids=[r["id"] for r in rows],
+            input_ids=stack("tokens", np.int32).astype(np.int64),
+            labels=stack("labels", np.int32).astype(np.int64),
+            loss_mask=stack("loss_mask", np.uint8).astype(np.float32),
+            media=media,
+        )
+        self.next_index += 1
+        self.rows_out += size
+        return batch

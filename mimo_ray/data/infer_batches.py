@@ -1,0 +1,130 @@
+"""Prompt batches for batched inference: prompt-only ids, media, reference answers, and every quarantined id.
+
+    for batch in iter_prompt_batches(cfg, "data/syn/val.jsonl", batch_size=8):
+        batch["input_ids"] [B, L] (right-padded), batch["prompt_lengths"] [B], batch["modality_inputs"],
+        batch["ids"], batch["answers"], batch["meta"], batch["quarantined"]  # [{id, path, stage, error}, ...]
+
+Every manifest id appears exactly once over the whole iteration: in some batch's ``ids`` or in some batch's
+``quarantined``, so the inference job can write one output row per input id. Bad rows are attached to the batch that
+follows them (trailing ones to the last batch); a manifest with no usable row yields one batch with ``B = 0``.
+
+Padding: **right** by default. MimoModel ignores attention masks, so with right padding a prompt's tokens never see
+pad tokens (causal attention) and position ids are ``0…L-1``; the generator reads the logits at
+``prompt_lengths - 1``. ``padding_side="left"`` aligns the prompts' ends instead (position ids then start at 0 on
+the first real token, pads get position 0) for generators that handle pads themselves.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mimo_ray.data.collate import MODALITY_COLUMNS, BatchLayout, bad_row_of
+from mimo_ray.data.manifest import read_manifest
+from mimo_ray.data.pipeline import build_dataset
+from mimo_ray.data.quarantine import BadBudget, QuarantineLog, quarantine_path
+from mimo_ray.data.tokenizer import ChatTokenizer
+
+Batch = dict[str, Any]
+
+
+def collate_prompts(rows: list[dict[str, Any]], layout: BatchLayout, pad_id: int, padding_side: str) -> Batch:
+    """Decoded infer rows (``ok``) → one prompt batch (without ``quarantined``)."""
+    import torch
+
+    prompts = [np.frombuffer(r["tokens"], dtype=np.int32).astype(np.int64) for r in rows]
+    lengths = np.array([p.size for p in prompts], dtype=np.int64)
+    width = int(lengths.max()) if len(prompts) else 0
+    input_ids = np.full((len(prompts), width), pad_id, dtype=np.int64)
+    position_ids = np.zeros((len(prompts), width), dtype=np.int64)
+    for i, p in enumerate(prompts):
+        start = 0 if padding_side == "right" else width - p.size
+        input_ids[i, start : start + p.size] = p
+        position_ids[i, start : start + p.size] = np.arange(p.size)
+    encoders = dict(layout.encoders)
+    modality_inputs = {}
+    for mod in layout.modalities:
+        data = b"".join(r[MODALITY_COLUMNS[mod]] for r in rows)
+        arr = np.frombuffer(data, dtype=np.float32).reshape(len(rows), *layout.shape(mod)).copy()
+        modality_inputs[mod] = {encoders[mod][0]: {encoders[mod][1]: torch.from_numpy(arr)}}
+    return {
+        "input_ids": torch.from_numpy(input_ids),
+        "position_ids": torch.from_numpy(position_ids),
+        "prompt_lengths": torch.from_numpy(lengths),
+        "modality_inputs": modality_inputs,
+        "ids": [r["id"] for r in rows],
+        "answers": [r["answer"] or None for r in rows],
+        "meta": [json.loads(r["meta"] or "{}") for r in rows],
+        "padding_side": padding_side,
+    }
+
+
+def iter_prompt_batches(
+    cfg: Any,
+    manifest_path: str | None = None,
+    batch_size: int | None = None,
+    *,
+    padding_side: str = "right",
+    quarantine_file: str | Path | None = None,
+    max_bad_fraction: float | None = None,
+) -> Iterator[Batch]:
+    """Prompt batches of a manifest, in file order, decoded in parallel on Ray Data (uniform frames).
+
+    Args:
+        cfg: config (shapes, tokenizer, ``data.*``).
+        manifest_path: the manifest (default ``data.val_path``).
+        batch_size: samples per batch (default ``infer.batch_size``).
+        padding_side: ``right`` (default) or ``left``.
+        quarantine_file: where bad rows are recorded (default ``<train.output_dir>/quarantine.jsonl``).
+        max_bad_fraction: stop when more rows are bad (default ``data.max_bad_fraction``).
+
+    Yields:
+        Batches as described in the module docstring.
+
+    Raises:
+        DataQualityError: more than ``max_bad_fraction`` of the rows are bad.
+    """
+    if padding_side not in ("right", "left"):
+        raise ValueError(f"padding_side={padding_side!r}; use 'right' or 'left'")
+    batch_size = batch_size or cfg.infer.batch_size
+    manifest_path = manifest_path or cfg.data.val_path
+    if manifest_path is None:
+        raise ValueError("iter_prompt_batches needs a manifest_path (or data.val_path)")
+    ds = build_dataset(cfg, "infer", manifest_path=manifest_path)
+    layout = BatchLayout.from_config(cfg)
+    pad_id = ChatTokenizer.from_config(cfg).pad_id
+    read = read_manifest(manifest_path)
+    manifest = read.path
+    qlog = QuarantineLog(quarantine_file or quarantine_path(cfg.train.output_dir), manifest)
+    fraction = cfg.data.max_bad_fraction if max_bad_fraction is None else max_bad_fraction
+    budget = BadBudget(len(read), fraction, manifest)
+    good: list[dict[str, Any]] = []
+    bad: list[dict[str, str]] = []
+    held: Batch | None = None
+    for table in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
+        for row in table.to_pylist():
+            if row["ok"]:
+                good.append(row)
+            else:
+                record = bad_row_of(row, manifest, "infer")
+                qlog.add(record)
+                budget.add(0, record)
+                bad.append({"id": record.id, "path": record.path, "stage": record.stage, "error": record.error})
+            if len(good) == batch_size:
+                if held is not None:
+                    yield held
+                held = {**collate_prompts(good, layout, pad_id, padding_side), "quarantined": bad}
+                good, bad = [], []
+    if good:
+        if held is not None:
+            yield held
+        held = {**collate_prompts(good, layout, pad_id, padding_side), "quarantined": bad}
+    elif held is not None:
+        held["quarantined"] = held["quarantined"] + bad
+    else:
+        held = {**collate_prompts([], layout, pad_id, padding_side), "quarantined": bad}
+    yield held

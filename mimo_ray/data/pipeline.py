@@ -1,0 +1,450 @@
+"""Ray Data input pipeline: manifest → plan → parallel decode (isolated, time-limited) → tokenise → C1 micro-batches.
+
+    src = ManifestDataSource(cfg, "train", start_sample=step * cfg.data.global_batch_size)
+    micro = src.next_step()                 # fused runtime: the micro-batches of one optimizer step, global order
+    streams = src.rank_streams(2)           # disaggregated: rank r gets global micro-batches r, r+2, … (actors pull)
+    src.advance(1); src.checkpoint_extras(); src.quarantined; src.close()
+
+**Order.** Epoch ``e`` visits the manifest in ``permutation(seed, e)`` (identity when not shuffling). Decode runs
+with ``preserve_order``, so the good samples come in plan order whatever the decode timing; micro-batch ``m`` is the
+good samples ``m*B … m*B+B-1``. Per-rank streams come from one collate actor (the same :class:`MicroBatcher`) and a
+``streaming_split`` over one-row blocks, which Ray Data hands out round-robin; each stream checks the indices it gets.
+
+**Resume.** A position is ``samples consumed``. Bad rows are sticky (they fail every epoch) and every bad row met is
+in ``<train.output_dir>/quarantine.jsonl`` before any later sample is handed out, so ``start_sample`` maps back to
+``(epoch, rows consumed)`` exactly: the resumed run yields the sample ids an uninterrupted run would.
+
+**Resources.** Decode tasks get ``data.num_decode_workers`` slots and never more logical CPUs than the cluster
+minus what the stage actors reserve (``resource_limits``), with fractional CPUs when that is less than one per
+worker, so decode can neither starve the stages nor be starved by them (NOTES §3). The pipeline picks its own
+settings: operator resource reservation off and ~15 clips per task (NOTES §4: 0.93 of a process pool).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from mimo_ray.data.collate import MICROBATCH_SCHEMA, BatchLayout, MicroBatch, MicroBatcher
+from mimo_ray.data.manifest import Manifest, read_manifest
+from mimo_ray.data.prepare import DecodeOptions, decode_batch
+from mimo_ray.data.quarantine import BadBudget, BadRow, QuarantineLog, bad_ids, quarantine_path
+from mimo_ray.data.tokenizer import ChatTokenizer
+
+log = logging.getLogger("mimo_ray")
+
+#: Most clips one decode task takes (NOTES §4: ~15 per task amortises task overhead).
+MAX_CLIPS_PER_TASK = 15
+PLAN_SCHEMA = pa.schema([("pos", pa.int64()), ("epoch", pa.int64()), ("row", pa.int64())])
+SPLIT_MODES = {"train": "train", "val": "eval", "infer": "infer", "validate": "eval"}
+_GET_TIMEOUT_S = 300.0
+
+
+def clips_per_task(num_rows: int, workers: int) -> int:
+    """Clips per decode task: up to :data:`MAX_CLIPS_PER_TASK`, fewer so small sets still use every worker."""
+    return max(1, min(MAX_CLIPS_PER_TASK, math.ceil(num_rows / (4 * workers))))
+
+
+def stage_cpu_reservation(cfg: Any) -> float:
+    """Logical CPUs the stage actors of this config hold (0 for the fused runtime, which runs in the driver)."""
+    if cfg.train.runtime != "disaggregated":
+        return 0.0
+    from mimo_ray.runtime.placement import group_specs, required_resources
+
+    return float(required_resources(group_specs(cfg)).get("CPU", 0.0))
+
+
+def decode_resources(cfg: Any) -> tuple[float, float]:
+    """``(CPU budget for Ray Data, CPUs per decode task)``.
+
+    Raises:
+        RuntimeError: no CPU is left for decoding once the stage actors' share is set aside.
+    """
+    import ray
+
+    total = float(ray.cluster_resources().get("CPU", 0.0))
+    reserved = stage_cpu_reservation(cfg)
+    budget = total - reserved
+    if budget < 0.05:
+        raise RuntimeError(
+            f"no CPU left for data decoding: the cluster has {total:g} CPUs and the stage actors reserve "
+            f"{reserved:g} (parallel.cpus_per_actor x actors); lower parallel.cpus_per_actor or add CPUs"
+        )
+    workers = cfg.data.num_decode_workers
+    per_task = min(1.0, math.floor(100 * budget / workers) / 100)
+    return budget, max(per_task, 0.01)
+
+
+def configure_context(ctx: Any, cpu_budget: float, one_row_blocks: bool = False) -> None:
+    """The pipeline's own Ray Data settings (on the dataset's context, not the global one)."""
+    from ray.data import ExecutionResources
+
+    ctx.execution_options.preserve_order = True
+    ctx.execution_options.resource_limits = ExecutionResources(cpu=cpu_budget)
+    ctx.op_resource_reservation_enabled = False
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    if one_row_blocks:
+        # One micro-batch per block: streaming_split then deals blocks out round-robin (rank r gets r, r+n, …).
+        ctx.target_max_block_size = 1
+
+
+class EpochPlan:
+    """Which manifest row each plan position visits: epoch ``e`` is ``permutation(seed, e)`` of the rows.
+
+    Args:
+        num_rows: rows in the manifest.
+        seed: ``data.seed``.
+        shuffle: shuffle per epoch (train with ``data.shuffle``); otherwise file order.
+    """
+
+    def __init__(self, num_rows: int, seed: int, shuffle: bool) -> None:
+        self.num_rows = num_rows
+        self.seed = seed
+        self.shuffle = shuffle
+
+    def order(self, epoch: int) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(self.num_rows, dtype=np.int64)
+        return np.random.default_rng([self.seed, epoch, 0x5EED]).permutation(self.num_rows).astype(np.int64)
+
+    def table(self, epoch: int, start: int = 0, stop: int | None = None) -> pa.Table:
+        """Plan rows ``(pos, epoch, row)`` of ``epoch`` from offset ``start`` to ``stop``."""
+        stop = self.num_rows if stop is None else stop
+        rows = self.order(epoch)[start:stop]
+        pos = epoch * self.num_rows + np.arange(start, start + rows.size, dtype=np.int64)
+        return pa.table({"pos": pos, "epoch": np.full(rows.size, epoch, dtype=np.int64), "row": rows},
+                        schema=PLAN_SCHEMA)  # fmt: skip
+
+    def locate(self, samples: int, bad_rows: set[int]) -> tuple[int, int, int]:
+        """Where the good sample number ``samples`` comes from: ``(epoch, rows consumed in it, bad rows before)``.
+
+        Raises:
+            RuntimeError: every row is bad.
+        """
+        good_per_epoch = self.num_rows - len(bad_rows)
+        if good_per_epoch <= 0 and samples > 0:
+            raise RuntimeError("every row of the manifest is quarantined; nothing to resume from")
+        epoch = samples // good_per_epoch if good_per_epoch else 0
+        rest = samples - epoch * good_per_epoch
+        is_bad = np.isin(self.order(epoch), np.fromiter(bad_rows, dtype=np.int64, count=len(bad_rows)))
+        good_before = np.cumsum(~is_bad)
+        # Just past the rest-th good row (bad rows right after it are met again, as an uninterrupted run meets them).
+        offset = int(np.searchsorted(good_before, rest, side="left")) + 1 if rest else 0
+        return epoch, offset, int(is_bad[:offset].sum())
+
+
+@dataclass
+class Position:
+    """A data position: samples handed out, and the plan position they correspond to."""
+
+    samples: int
+    epoch: int
+    rows_consumed: int
+
+    def to_dict(self) -> dict[str, int]:
+        return {"samples": self.samples, "epoch": self.epoch, "rows_consumed": self.rows_consumed}
+
+
+def decode_dataset(plans: list[pa.Table], opts: DecodeOptions, cfg: Any, one_row_blocks: bool = False) -> Any:
+    """Ray Data dataset of decoded rows (:data:`~mimo_ray.data.collate.DECODED_SCHEMA`) for the plan tables."""
+    import ray
+
+    budget, per_task = decode_resources(cfg)
+    plan = pa.concat_tables(plans) if plans else PLAN_SCHEMA.empty_table()
+    workers = cfg.data.num_decode_workers
+    step = clips_per_task(plan.num_rows, workers)
+    blocks = [plan.slice(i, step) for i in range(0, plan.num_rows, step)] or [plan]
+    ds = ray.data.from_arrow(blocks)
+    configure_context(ds.context, budget, one_row_blocks)
+    return ds.map_batches(
+        decode_batch,
+        fn_kwargs={"opts": opts},
+        batch_size=None,
+        batch_format="pyarrow",
+        compute=ray.data.TaskPoolStrategy(size=workers),
+        num_cpus=per_task,
+    )
+
+
+def _ensure_ray(cfg: Any) -> None:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(**cfg.cluster.init_kwargs())
+
+
+def build_dataset(cfg: Any, split: str, *, manifest_path: str | None = None, epoch: int = 0) -> Any:
+    """One epoch of decoded, tokenised samples of ``split`` as a Ray Data ``Dataset`` (bad rows included, with
+    ``ok=False``), in plan order.
+
+    Args:
+        cfg: config.
+        split: ``train`` (shuffled per ``data.shuffle``, jitter), ``val``/``validate`` (file order, uniform frames)
+            or ``infer`` (prompt-only encodings).
+        manifest_path: overrides ``data.data_path``/``data.val_path``.
+        epoch: which epoch's order and jitter.
+    """
+    _ensure_ray(cfg)
+    import ray
+
+    manifest = read_manifest(manifest_path or _split_path(cfg, split))
+    tokenizer = ChatTokenizer.from_config(cfg)
+    opts = DecodeOptions.from_config(cfg, SPLIT_MODES[split], tokenizer, ray.put(manifest.table))
+    plan = EpochPlan(len(manifest), cfg.data.seed, split == "train" and cfg.data.shuffle)
+    return decode_dataset([plan.table(epoch)], opts, cfg)
+
+
+def _split_path(cfg: Any, split: str) -> str:
+    path = cfg.data.val_path if split == "val" else cfg.data.data_path
+    if path is None:
+        flag = "data.val_path" if split == "val" else "data.data_path"
+        raise ValueError(f"{flag} is not set; the {split} split needs a manifest")
+    return path
+
+
+class _CollateFn:
+    """The collate actor (Ray Data ``ActorPoolStrategy(size=1)``): decoded rows in plan order → micro-batch rows."""
+
+    def __init__(self, layout: BatchLayout, micro_batch_size: int, start_index: int, qpath: str, manifest: str,
+                 num_rows: int, max_bad_fraction: float, epoch: int, bad_before: int) -> None:  # fmt: skip
+        self.log = QuarantineLog(qpath, manifest)
+        self.budget = BadBudget(num_rows, max_bad_fraction, manifest)
+        self.budget.start_epoch(epoch, bad_before)
+        self.batcher = MicroBatcher(layout, micro_batch_size, start_index, self._on_bad, manifest, "train")
+
+    def _on_bad(self, epoch: int, bad: BadRow) -> None:
+        self.log.add(bad)
+        self.budget.add(epoch, bad)
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        rows = [mb.to_row() for mb in self.batcher.add(table)]
+        return pa.Table.from_pylist(rows, schema=MICROBATCH_SCHEMA)
+
+
+class RankStream:
+    """Picklable iterator of C1 micro-batches for one encoder rank, over its ``streaming_split`` shard.
+
+    Args:
+        shard: the rank's ``StreamSplitDataIterator``.
+        rank, num_ranks: this rank; it gets global micro-batches ``first_index + k * num_ranks``.
+        first_index: global index of its first micro-batch.
+        layout: shapes for rebuilding tensors.
+    """
+
+    def __init__(self, shard: Any, rank: int, num_ranks: int, first_index: int, layout: BatchLayout) -> None:
+        self.shard = shard
+        self.rank = rank
+        self.num_ranks = num_ranks
+        self.expected = first_index
+        self.layout = layout
+        self._rows: Any = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_rows": None}
+
+    def __iter__(self) -> RankStream:
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        if self._rows is None:
+            self._rows = iter(self.shard.iter_rows())
+        try:
+            row = next(self._rows)
+        except StopIteration:
+            raise RuntimeError(
+                f"data rank {self.rank}: the planned training data ran out before micro-batch {self.expected} "
+                "(the plan covers train.max_steps plus slack; was train.max_steps raised after the stream was made?)"
+            ) from None
+        if int(row["index"]) != self.expected:
+            raise RuntimeError(
+                f"data rank {self.rank}/{self.num_ranks} got micro-batch {row['index']}, expected {self.expected}: "
+                "Ray Data's streaming_split did not deal micro-batches round-robin"
+            )
+        self.expected += self.num_ranks
+        return MicroBatch.from_row(row, self.layout).to_batch(self.layout)
+
+
+class ManifestDataSource:
+    """A manifest split as micro-batches for the driver (fused) or per-rank streams (disaggregated).
+
+    Same interface as :class:`mimo_ray.data.random_stream.RandomDataSource`, plus :meth:`checkpoint_extras`.
+
+    Args:
+        cfg: config (``data.*``, model shapes, ``train.output_dir`` for the quarantine file).
+        split: ``train`` (shuffled, jittered, endless epochs) or ``val`` (one pass in file order).
+        start_sample: samples already consumed (``step * data.global_batch_size`` on resume).
+        manifest_path: overrides the config's path for the split.
+
+    Raises:
+        ValueError: a missing manifest, a tokenizer/config mismatch or a ``start_sample`` that is not a whole
+            number of micro-batches (before any decode work starts).
+    """
+
+    def __init__(self, cfg: Any, split: str = "train", start_sample: int = 0, *,
+                 manifest_path: str | None = None) -> None:  # fmt: skip
+        if split not in ("train", "val"):
+            raise ValueError(f"ManifestDataSource split={split!r}; use 'train' or 'val' (inference: infer.py)")
+        batch = cfg.data.micro_batch_size
+        if start_sample % batch:
+            raise ValueError(f"start_sample={start_sample} is not a multiple of data.micro_batch_size={batch}")
+        self.cfg = cfg
+        self.split = split
+        self.finite = split != "train"
+        self.manifest: Manifest = read_manifest(manifest_path or _split_path(cfg, split))
+        self.tokenizer = ChatTokenizer.from_config(cfg)
+        self.layout = BatchLayout.from_config(cfg)
+        self.quarantine_file = quarantine_path(cfg.train.output_dir)
+        self.log = QuarantineLog(self.quarantine_file, self.manifest.path)
+        self.budget = BadBudget(len(self.manifest), cfg.data.max_bad_fraction, self.manifest.path)
+        self.plan = EpochPlan(len(self.manifest), cfg.data.seed, split == "train" and cfg.data.shuffle)
+        self.next_micro = start_sample // batch
+        _ensure_ray(cfg)
+        import ray
+
+        self._manifest_ref = ray.put(self.manifest.table)
+        self._opts = DecodeOptions.from_config(cfg, SPLIT_MODES[split], self.tokenizer, self._manifest_ref)
+        self._stream: Any = None
+        self._coordinators: list[Any] = []
+
+    # ----- positions
+    @property
+    def micro_per_step(self) -> int:
+        return self.cfg.data.global_batch_size // self.cfg.data.micro_batch_size
+
+    @property
+    def samples_consumed(self) -> int:
+        return self.next_micro * self.cfg.data.micro_batch_size
+
+    @property
+    def quarantined(self) -> int:
+        """Distinct bad rows of this manifest in the quarantine file (this run and earlier ones)."""
+        return len(bad_ids(self.quarantine_file, self.manifest.path) | {b.id for b in self.log.new})
+
+    def _bad_rows(self) -> set[int]:
+        ids = bad_ids(self.quarantine_file, self.manifest.path) | {b.id for b in self.log.new}
+        index = {rid: i for i, rid in enumerate(self.manifest.ids)}
+        return {index[i] for i in ids if i in index}
+
+    def position(self) -> Position:
+        """The plan position of the next sample to hand out."""
+        epoch, rows, _ = self.plan.locate(self.samples_consumed, self._bad_rows())
+        return Position(self.samples_consumed, epoch, rows)
+
+    def checkpoint_extras(self) -> dict[str, Any]:
+        """JSON-able state for the checkpoint: tokenizer, chat template, special-token ids and the data position."""
+        tok = self.tokenizer.to_dict()
+        return {
+            "tokenizer": tok,
+            "chat_template": tok["chat_template"],
+            "special_token_ids": tok["special_tokens"],
+            "data_position": {"split": self.split, "manifest": self.manifest.path, **self.position().to_dict()},
+        }
+
+    # ----- the driver's stream
+    def _on_bad(self, epoch: int, bad: BadRow) -> None:
+        self.log.add(bad)
+        self.budget.add(epoch, bad)
+
+    def _driver_batches(self) -> Any:
+        epoch, offset, bad_before = self.plan.locate(self.samples_consumed, self._bad_rows())
+        self.budget.start_epoch(epoch, bad_before)
+        batcher = MicroBatcher(self.layout, self.cfg.data.micro_batch_size, self.next_micro, self._on_bad,
+                               self.manifest.path, self.split)  # fmt: skip
+        while True:
+            ds = decode_dataset([self.plan.table(epoch, offset)], self._opts, self.cfg)
+            blocks = ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2)
+            try:
+                for table in blocks:
+                    yield from batcher.add(table)
+            finally:
+                close = getattr(blocks, "close", None)
+                if close is not None:
+                    close()
+            if self.finite:
+                yield from batcher.flush()
+                return
+            epoch, offset = epoch + 1, 0
+
+    def next_step(self) -> list[dict[str, Any]]:
+        """The micro-batches of the next optimizer step, in global order (fewer, then none, at the end of ``val``)."""
+        if self._stream is None:
+            self._stream = self._driver_batches()
+        out = []
+        for _ in range(self.micro_per_step):
+            mb = next(self._stream, None)
+            if mb is None:
+                break
+            out.append(mb.to_batch(self.layout))
+        self.next_micro += len(out)
+        return out
+
+    def advance(self, steps: int = 1) -> None:
+        """Record that ``steps`` optimizer steps were consumed by the rank streams."""
+        self.next_micro += steps * self.micro_per_step
+
+    # ----- per-rank streams
+    def _rows_to_plan(self) -> int:
+        cfg = self.cfg
+        remaining = max(cfg.train.max_steps * cfg.data.global_batch_size - self.samples_consumed, 0)
+        remaining += 2 * cfg.data.global_batch_size
+        good_fraction = max(1.0 - cfg.data.max_bad_fraction, 0.1)
+        return math.ceil(remaining / good_fraction) + len(self.manifest)
+
+    def rank_streams(self, num_ranks: int) -> list[RankStream]:
+        """One stream per encoder rank, starting where the driver is; rank ``r`` gets global micro-batches
+        ``r, r + n, r + 2n, …`` of each step (identical to :meth:`next_step`'s).
+
+        The plan covers ``train.max_steps`` (plus slack for bad rows) from here; streams are pulled by the actors
+        directly (``streaming_split``), never through the driver.
+        """
+        if self.finite:
+            raise ValueError("rank_streams() serves the endless train split; use next_step() for val")
+        if self.micro_per_step % num_ranks:
+            raise ValueError(f"{self.micro_per_step} micro-batches per step do not split over {num_ranks} ranks")
+        import ray
+
+        epoch, offset, bad_before = self.plan.locate(self.samples_consumed, self._bad_rows())
+        plans, rows, e, start = [], 0, epoch, offset
+        need = self._rows_to_plan()
+        while rows < need:
+            plans.append(self.plan.table(e, start))
+            rows += plans[-1].num_rows
+            e, start = e + 1, 0
+        ds = decode_dataset(plans, self._opts, self.cfg, one_row_blocks=True)
+        ds = ds.map_batches(
+            _CollateFn,
+            fn_constructor_kwargs={
+                "layout": self.layout, "micro_batch_size": self.cfg.data.micro_batch_size,
+                "start_index": self.next_micro, "qpath": str(self.quarantine_file), "manifest": self.manifest.path,
+                "num_rows": len(self.manifest), "max_bad_fraction": self.cfg.data.max_bad_fraction,
+                "epoch": epoch, "bad_before": bad_before,
+            },  # fmt: skip
+            batch_size=clips_per_task(len(self.manifest), self.cfg.data.num_decode_workers),
+            batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(size=1),
+            num_cpus=0,
+        )
+        shards = ds.streaming_split(num_ranks, equal=False)
+        self._coordinators.append(getattr(shards[0], "_coord_actor", None))
+        return [RankStream(shards[r], r, num_ranks, self.next_micro + r, self.layout) for r in range(num_ranks)]
+
+    def close(self) -> None:
+        """Stop decoding: close the driver's stream and the split coordinators."""
+        import ray
+
+        if self._stream is not None:
+            self._stream.close()
+            self._stream = None
+        for coord in self._coordinators:
+            if coord is not None:
+                try:
+                    ray.kill(coord)
+                except Exception:  # already gone
+                    pass
+        self._coordinators = []

@@ -1,0 +1,156 @@
+"""Bad-input records (DESIGN C8): one JSONL row per unusable manifest row, plus counters and the bad-data gate.
+
+    log = QuarantineLog("runs/x/quarantine.jsonl", manifest="/data/train.jsonl")
+    log.add(BadRow(id="syn-7", path="/data/clips/syn-7.mp4", stage="frames", error="clip has 3 frames ..."))
+    log.count                      # distinct bad ids of this manifest, including those of earlier runs
+
+Rows are keyed by ``(manifest, id)``: a bad row met again (next epoch, resumed run) is not written twice.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+#: Stages a quarantined row can name (media stages come from :class:`mimo_ray.data.errors.MediaError`).
+STAGES = (
+    "manifest",  # the manifest row itself is malformed (bad JSON, no id, duplicate id, no conversations)
+    "tags",  # modality tags do not match the media fields / the model's modalities
+    "text",  # the tokenised conversation is longer than model.lm.seq_length
+    "open",  # missing or zero-byte file
+    "decode",  # not a decodable video / image
+    "frames",  # fewer frames than model.vision.num_frames
+    "audio",  # no audio stream where audio is required, or undecodable audio
+    "truncated",  # audio much shorter than its header or the video says
+    "timeout",  # the decoder hung past data.decode_timeout_s on every try
+    "crash",  # the decoder process died (native abort/segfault) on every try
+    "error",  # any other exception while preparing the sample
+)
+QUARANTINE_FILE = "quarantine.jsonl"
+
+
+class DataQualityError(RuntimeError):
+    """Too much of the data is bad (``data.max_bad_fraction``)."""
+
+
+@dataclass
+class BadRow:
+    """One quarantined sample: ``id, path, stage, error`` (+ where it came from)."""
+
+    id: str
+    path: str
+    stage: str
+    error: str
+    manifest: str = ""
+    row: int = -1
+    split: str = ""
+
+
+def quarantine_path(output_dir: str | os.PathLike) -> Path:
+    """``<train.output_dir>/quarantine.jsonl``."""
+    return Path(output_dir) / QUARANTINE_FILE
+
+
+def read_quarantine(path: str | os.PathLike, manifest: str | None = None) -> list[dict]:
+    """Records of a quarantine file (those of ``manifest`` only, when given); a missing file is empty."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    records = []
+    with path.open(encoding="utf-8") as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by a crash mid-write
+            if manifest is None or rec.get("manifest") == manifest:
+                records.append(rec)
+    return records
+
+
+def bad_ids(path: str | os.PathLike, manifest: str) -> set[str]:
+    """Ids of ``manifest`` already quarantined in the file at ``path``."""
+    return {str(r["id"]) for r in read_quarantine(path, manifest)}
+
+
+class QuarantineLog:
+    """Append-only writer of one manifest's bad rows; thread-safe, one ``write`` per line.
+
+    Args:
+        path: the JSONL file (created with its folder on the first bad row).
+        manifest: absolute path of the manifest the rows belong to.
+        write: ``False`` counts without writing (``jobs/validate.py``).
+    """
+
+    def __init__(self, path: str | os.PathLike | None, manifest: str, write: bool = True) -> None:
+        self.path = Path(path) if path is not None else None
+        self.manifest = manifest
+        self.write = write and self.path is not None
+        self._lock = threading.Lock()
+        self._seen: set[str] = bad_ids(self.path, manifest) if self.path is not None else set()
+        self.new: list[BadRow] = []
+
+    @property
+    def count(self) -> int:
+        """Distinct bad ids of this manifest (earlier runs included)."""
+        return len(self._seen)
+
+    def add(self, bad: BadRow) -> bool:
+        """Record ``bad``; returns ``False`` when its id was already quarantined."""
+        with self._lock:
+            if bad.id in self._seen:
+                return False
+            self._seen.add(bad.id)
+            self.new.append(bad)
+            if self.write:
+                rec = {**asdict(bad), "manifest": self.manifest, "time": round(time.time(), 3)}
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                with self.path.open("a", encoding="utf-8") as f:
+                    f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            return True
+
+
+class BadBudget:
+    """The ``data.max_bad_fraction`` gate: more than ``fraction * num_rows`` bad rows in one epoch stops the job.
+
+    Args:
+        num_rows: rows in the manifest.
+        fraction: ``data.max_bad_fraction``.
+        manifest: for the message.
+    """
+
+    def __init__(self, num_rows: int, fraction: float, manifest: str) -> None:
+        self.num_rows = num_rows
+        self.fraction = fraction
+        self.manifest = manifest
+        self.epoch: int | None = None
+        self.bad = 0
+
+    def add(self, epoch: int, bad: BadRow) -> None:
+        """Count a bad row of ``epoch``.
+
+        Raises:
+            DataQualityError: the epoch's bad rows exceed ``max_bad_fraction * num_rows``.
+        """
+        if self.epoch is not None and epoch != self.epoch:
+            self.bad = 0
+        self.epoch = epoch
+        self.bad += 1
+        if self.bad > self.fraction * self.num_rows:
+            raise DataQualityError(
+                f"{self.bad} of the {self.num_rows} rows of {self.manifest} are bad, more than "
+                f"data.max_bad_fraction={self.fraction}; latest: id={bad.id} stage={bad.stage}: {bad.error}. "
+                f"See the quarantine file for every bad row, or run jobs/validate.py --data-path {self.manifest}"
+            )
+
+    def start_epoch(self, epoch: int, already_bad: int = 0) -> None:
+        """Position the gate at ``epoch`` with ``already_bad`` bad rows met so far in it."""
+        self.epoch = epoch
+        self.bad = already_bad

@@ -1,0 +1,124 @@
+"""One sample's media → encoder inputs: ``num_frames`` CLIP-normalised frames, a log-mel (Whisper) or fbank (BEATs)
+of the clip's audio, an image. Pure numpy on top of :mod:`mimo_ray.data.video` / :mod:`mimo_ray.data.audio`; runs
+inside the isolated decoder process (:mod:`mimo_ray.data.isolation`), in the benchmarks and in tests.
+
+Training jitter (frame choice inside each segment, audio crop offset) is drawn from a generator seeded by
+``(seed, epoch, row)``, so it never depends on which worker decoded the sample or when.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from mimo_ray.data.audio import crop_or_pad, fbank, load_audio, log_mel
+from mimo_ray.data.video import decode_image, decode_video
+
+
+@dataclass(frozen=True)
+class MediaSpec:
+    """What to decode and the exact per-sample shapes the encoders take (from ``model.spec.input_shape``)."""
+
+    modalities: tuple[str, ...]
+    num_frames: int
+    img_size: int
+    audio_backbone: str
+    sample_rate: int
+    clip_samples: int
+    n_mels: int
+    n_fft: int
+    hop_length: int
+    fbank_bins: int
+    shapes: tuple[tuple[str, tuple[int, ...]], ...]
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> MediaSpec:
+        from mimo_ray.model.spec import input_shape
+
+        a, v = cfg.model.audio, cfg.model.vision
+        return cls(
+            modalities=tuple(cfg.model.modalities),
+            num_frames=v.num_frames,
+            img_size=v.img_size,
+            audio_backbone=a.backbone_type,
+            sample_rate=a.sample_rate,
+            clip_samples=a.num_samples,
+            n_mels=a.n_mels,
+            n_fft=a.n_fft,
+            hop_length=a.hop_length,
+            fbank_bins=a.fbank_bins,
+            shapes=tuple((m, tuple(input_shape(cfg, m))) for m in cfg.model.modalities),
+        )
+
+    def shape(self, modality: str) -> tuple[int, ...]:
+        return dict(self.shapes)[modality]
+
+
+def probe_duration(path: str) -> float | None:
+    """Duration in seconds a video container declares (``None`` if it declares none or cannot be opened)."""
+    import av
+
+    try:
+        with av.open(path) as container:
+            if container.streams.video:
+                stream = container.streams.video[0]
+                if stream.duration is not None and stream.time_base is not None:
+                    return float(stream.duration * stream.time_base)
+            if container.duration is not None:
+                return container.duration / 1_000_000
+    except Exception:  # the video decode reports unreadable files with the right stage
+        return None
+    return None
+
+
+def audio_features(wave: np.ndarray, spec: MediaSpec) -> np.ndarray:
+    """Mono float32 at ``spec.sample_rate`` (already ``clip_samples`` long) → ``[bins, frames]`` float32."""
+    if spec.audio_backbone == "whisper":
+        return log_mel(wave, n_mels=spec.n_mels, n_fft=spec.n_fft, hop=spec.hop_length, sr=spec.sample_rate)
+    return fbank(wave, n_mels=spec.fbank_bins, sr=spec.sample_rate)
+
+
+def decode_media(request: dict[str, Any], spec: MediaSpec) -> dict[str, np.ndarray]:
+    """Decode one sample.
+
+    Args:
+        request: ``{"video", "audio", "image"}`` absolute paths (or ``None``), ``"train"`` (jitter) and ``"seed"``
+            (``[seed, epoch, row]``). Audio comes from ``audio`` or, when that is ``None``, the video's own stream.
+        spec: shapes and feature settings.
+
+    Returns:
+        ``{modality: float32 array of spec.shape(modality)}`` for every modality in ``spec.modalities``.
+
+    Raises:
+        MediaError: with the failing stage (``open``, ``decode``, ``frames``, ``audio``, ``truncated``).
+    """
+    train = bool(request.get("train"))
+    seed = [int(s) for s in request.get("seed", [0])]
+    out: dict[str, np.ndarray] = {}
+    size = (spec.img_size, spec.img_size)
+    if "video" in spec.modalities:
+        rng = np.random.default_rng([*seed, 0])
+        out["video"] = decode_video(request["video"], spec.num_frames, size, train=train, rng=rng)
+    if "images" in spec.modalities:
+        out["images"] = decode_image(request["image"], size)[0]
+    if "audio" in spec.modalities:
+        rng = np.random.default_rng([*seed, 1])
+        if request.get("audio"):
+            expected = probe_duration(request["video"]) if request.get("video") else None
+            wave = load_audio(request["audio"], target_sr=spec.sample_rate, expected_seconds=expected)
+        else:
+            wave = load_audio(request["video"], target_sr=spec.sample_rate, from_video=True)
+        wave = crop_or_pad(wave, spec.clip_samples, train=train, rng=rng)
+        out["audio"] = audio_features(wave, spec)
+    for mod, arr in out.items():
+        if tuple(arr.shape) != spec.shape(mod):
+            raise ValueError(f"{mod} decoded to shape {tuple(arr.shape)}, the encoder takes {spec.shape(mod)}")
+    return {m: np.ascontiguousarray(a, dtype=np.float32) for m, a in out.items()}
+
+
+def request_paths(request: dict[str, Any]) -> list[str]:
+    """The media files a request reads (for fault injection and messages)."""
+    return [os.fspath(request[k]) for k in ("video", "audio", "image") if request.get(k)]
