@@ -22,10 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
 from mimo_ray.data.collate import MODALITY_COLUMNS, BatchLayout, bad_row_of
 from mimo_ray.data.manifest import read_manifest
-from mimo_ray.data.pipeline import build_dataset
 from mimo_ray.data.quarantine import BadBudget, QuarantineLog, quarantine_path
 from mimo_ray.data.tokenizer import ChatTokenizer
 
@@ -63,6 +63,25 @@ def collate_prompts(rows: list[dict[str, Any]], layout: BatchLayout, pad_id: int
     }
 
 
+def _infer_dataset(
+    cfg: Any, manifest_path: str, tokenizer: ChatTokenizer | None, skip_ids: set[str] | frozenset[str] = frozenset()
+) -> tuple[Any, Any, ChatTokenizer]:
+    """``(decoded dataset in file order, manifest, tokenizer)`` for inference (rows of ``skip_ids`` left out)."""
+    import ray
+
+    from mimo_ray.data.pipeline import EpochPlan, _ensure_ray, decode_dataset
+    from mimo_ray.data.prepare import DecodeOptions
+
+    _ensure_ray(cfg)
+    tokenizer = tokenizer or ChatTokenizer.from_config(cfg)
+    manifest = read_manifest(manifest_path)
+    plan = EpochPlan(len(manifest), cfg.data.seed, shuffle=False).table(0)
+    if skip_ids:
+        plan = plan.filter(pa.array([rid not in skip_ids for rid in manifest.ids]))
+    opts = DecodeOptions.from_config(cfg, "infer", tokenizer, ray.put(manifest.table))
+    return decode_dataset([plan], opts, cfg), manifest, tokenizer
+
+
 def iter_prompt_batches(
     cfg: Any,
     manifest_path: str | None = None,
@@ -71,6 +90,7 @@ def iter_prompt_batches(
     padding_side: str = "right",
     quarantine_file: str | Path | None = None,
     max_bad_fraction: float | None = None,
+    tokenizer: ChatTokenizer | None = None,
 ) -> Iterator[Batch]:
     """Prompt batches of a manifest, in file order, decoded in parallel on Ray Data (uniform frames).
 
@@ -81,6 +101,7 @@ def iter_prompt_batches(
         padding_side: ``right`` (default) or ``left``.
         quarantine_file: where bad rows are recorded (default ``<train.output_dir>/quarantine.jsonl``).
         max_bad_fraction: stop when more rows are bad (default ``data.max_bad_fraction``).
+        tokenizer: the checkpoint's tokenizer (default: from the config).
 
     Yields:
         Batches as described in the module docstring.
@@ -94,10 +115,9 @@ def iter_prompt_batches(
     manifest_path = manifest_path or cfg.data.val_path
     if manifest_path is None:
         raise ValueError("iter_prompt_batches needs a manifest_path (or data.val_path)")
-    ds = build_dataset(cfg, "infer", manifest_path=manifest_path)
+    ds, read, tokenizer = _infer_dataset(cfg, manifest_path, tokenizer)
     layout = BatchLayout.from_config(cfg)
-    pad_id = ChatTokenizer.from_config(cfg).pad_id
-    read = read_manifest(manifest_path)
+    pad_id = tokenizer.pad_id
     manifest = read.path
     qlog = QuarantineLog(quarantine_file or quarantine_path(cfg.train.output_dir), manifest)
     fraction = cfg.data.max_bad_fraction if max_bad_fraction is None else max_bad_fraction
@@ -128,3 +148,85 @@ def iter_prompt_batches(
     else:
         held = {**collate_prompts([], layout, pad_id, padding_side), "quarantined": bad}
     yield held
+
+
+class PromptStream:
+    """Picklable iterable of prompt batches over one ``streaming_split`` shard of decoded infer rows.
+
+    Args:
+        shard: the rank's ``DataIterator``.
+        batch_size: samples per batch (the last one may be smaller).
+        layout, pad_id, padding_side: as for :func:`collate_prompts`.
+    """
+
+    def __init__(self, shard: Any, batch_size: int, layout: BatchLayout, pad_id: int, padding_side: str) -> None:
+        self.shard = shard
+        self.batch_size = batch_size
+        self.layout = layout
+        self.pad_id = pad_id
+        self.padding_side = padding_side
+
+    def __iter__(self) -> Iterator[Batch]:
+        rows: list[dict[str, Any]] = []
+        for row in self.shard.iter_rows():
+            if not row["ok"]:
+                continue  # listed up front by prompt_streams
+            rows.append(row)
+            if len(rows) == self.batch_size:
+                yield collate_prompts(rows, self.layout, self.pad_id, self.padding_side)
+                rows = []
+        if rows:
+            yield collate_prompts(rows, self.layout, self.pad_id, self.padding_side)
+
+
+def prompt_streams(
+    cfg: Any,
+    manifest_path: str,
+    num_streams: int,
+    *,
+    skip_ids: set[str] | frozenset[str] = frozenset(),
+    tokenizer: ChatTokenizer | None = None,
+    batch_size: int | None = None,
+    padding_side: str = "right",
+    quarantine_file: str | Path | None = None,
+) -> tuple[list[PromptStream], list[dict[str, str]]]:
+    """Decode a manifest for inference and split its prompt batches over ``num_streams`` encoder ranks.
+
+    Decoding runs in parallel on Ray Data and is materialised in the object store first, so every bad row is known
+    before generation starts: the caller writes their rows, then pulls the streams (each row reaches exactly one
+    stream; batches never pass through the driver).
+
+    Args:
+        cfg: config.
+        manifest_path: the manifest.
+        num_streams: encoder ranks.
+        skip_ids: ids already done (``--resume``); they are neither decoded nor listed.
+        tokenizer: the checkpoint's tokenizer (default: from the config).
+        batch_size: default ``infer.batch_size``.
+        padding_side: ``right`` (default) or ``left``.
+        quarantine_file: default ``<train.output_dir>/quarantine.jsonl``.
+
+    Returns:
+        ``(streams, quarantined)`` with ``quarantined = [{"id", "path", "stage", "error"}, ...]`` in file order.
+
+    Raises:
+        DataQualityError: more than ``data.max_bad_fraction`` of the rows are bad.
+    """
+    ds, manifest, tokenizer = _infer_dataset(cfg, manifest_path, tokenizer, skip_ids)
+    decoded = ds.materialize()
+    qlog = QuarantineLog(quarantine_file or quarantine_path(cfg.train.output_dir), manifest.path)
+    budget = BadBudget(len(manifest), cfg.data.max_bad_fraction, manifest.path)
+    quarantined = []
+    columns = ["pos", "epoch", "row", "id", "ok", "stage", "error", "path"]
+    for table in decoded.select_columns(columns).iter_batches(batch_size=None, batch_format="pyarrow"):
+        for row in table.to_pylist():
+            if row["ok"]:
+                continue
+            record = bad_row_of(row, manifest.path, "infer")
+            qlog.add(record)
+            budget.add(0, record)
+            quarantined.append({"id": record.id, "path": record.path, "stage": record.stage, "error": record.error})
+    layout = BatchLayout.from_config(cfg)
+    shards = decoded.streaming_split(num_streams, equal=False)
+    size = batch_size or cfg.infer.batch_size
+    return [PromptStream(s, size, layout, tokenizer.pad_id, padding_side) for s in shards], quarantined

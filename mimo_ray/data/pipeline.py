@@ -448,3 +448,10 @@ class ManifestDataSource:
                 except Exception:  # already gone
                     pass
         self._coordinators = []
+
+
+def prompt_streams(*args: Any, **kwargs: Any) -> Any:
+    """Inference prompt streams; see :func:`mimo_ray.data.infer_batches.prompt_streams`."""
+    from mimo_ray.data.infer_batches import prompt_streams as impl
+
+    return impl(*args, **kwargs)
