@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 
 from mimo_ray.data.quarantine import BadRow
+from mimo_ray.data.sample_media import from_transport, transport_layout
 
 MODALITY_COLUMNS = {"video": "m_video", "audio": "m_audio", "images": "m_images"}
 
@@ -90,6 +91,11 @@ class BatchLayout:
     def shape(self, modality: str) -> tuple[int, ...]:
         return dict(self.shapes)[modality]
 
+    def media_from_bytes(self, modality: str, data: bytes, size: int) -> np.ndarray:
+        """``size`` samples' transport bytes → transport array ``[size, ...]`` (read-only view)."""
+        dtype, shape = transport_layout(modality, self.shape(modality))
+        return np.frombuffer(data, dtype=dtype).reshape(size, *shape)
+
 
 @dataclass
 class MicroBatch:
@@ -111,7 +117,7 @@ class MicroBatch:
         size, seq = self.input_ids.shape
         encoders = dict(layout.encoders)
         modality_inputs = {
-            mod: {encoders[mod][0]: {encoders[mod][1]: torch.from_numpy(np.array(arr, dtype=np.float32))}}
+            mod: {encoders[mod][0]: {encoders[mod][1]: torch.from_numpy(from_transport(mod, arr))}}
             for mod, arr in self.media.items()
         }
         return {
@@ -144,10 +150,7 @@ class MicroBatch:
         def tokens(name: str, dtype: type) -> np.ndarray:
             return np.frombuffer(row[name], dtype=dtype).reshape(size, seq)
 
-        media = {
-            mod: np.frombuffer(row[MODALITY_COLUMNS[mod]], dtype=np.float32).reshape(size, *layout.shape(mod))
-            for mod in layout.modalities
-        }
+        media = {mod: layout.media_from_bytes(mod, row[MODALITY_COLUMNS[mod]], size) for mod in layout.modalities}
         return cls(
             index=int(row["index"]),
             ids=json.loads(row["ids"]),
@@ -231,9 +234,7 @@ class MicroBatcher:
             return np.frombuffer(b"".join(r[name] for r in rows), dtype=dtype).reshape(size, seq)
 
         media = {
-            mod: np.frombuffer(b"".join(r[MODALITY_COLUMNS[mod]] for r in rows), dtype=np.float32).reshape(
-                size, *self.layout.shape(mod)
-            )
+            mod: self.layout.media_from_bytes(mod, b"".join(r[MODALITY_COLUMNS[mod]] for r in rows), size)
             for mod in self.layout.modalities
         }
         batch = MicroBatch(

@@ -27,6 +27,7 @@ import pyarrow as pa
 from mimo_ray.data.collate import MODALITY_COLUMNS, BatchLayout, bad_row_of
 from mimo_ray.data.manifest import read_manifest
 from mimo_ray.data.quarantine import BadBudget, QuarantineLog, quarantine_path
+from mimo_ray.data.sample_media import from_transport
 from mimo_ray.data.tokenizer import ChatTokenizer
 
 Batch = dict[str, Any]
@@ -49,7 +50,7 @@ def collate_prompts(rows: list[dict[str, Any]], layout: BatchLayout, pad_id: int
     modality_inputs = {}
     for mod in layout.modalities:
         data = b"".join(r[MODALITY_COLUMNS[mod]] for r in rows)
-        arr = np.frombuffer(data, dtype=np.float32).reshape(len(rows), *layout.shape(mod)).copy()
+        arr = from_transport(mod, layout.media_from_bytes(mod, data, len(rows)))
         modality_inputs[mod] = {encoders[mod][0]: {encoders[mod][1]: torch.from_numpy(arr)}}
     return {
         "input_ids": torch.from_numpy(input_ids),

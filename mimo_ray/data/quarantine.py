@@ -10,6 +10,7 @@ Rows are keyed by ``(manifest, id)``: a bad row met again (next epoch, resumed r
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 import time
@@ -31,6 +32,7 @@ STAGES = (
     "error",  # any other exception while preparing the sample
 )
 QUARANTINE_FILE = "quarantine.jsonl"
+log = logging.getLogger("mimo_ray")
 
 
 class DataQualityError(RuntimeError):
@@ -109,6 +111,7 @@ class QuarantineLog:
                 return False
             self._seen.add(bad.id)
             self.new.append(bad)
+            log.warning("quarantined %s [%s] %s", bad.id, bad.stage, bad.error)
             if self.write:
                 rec = {**asdict(bad), "manifest": self.manifest, "time": round(time.time(), 3)}
                 self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -15,7 +15,11 @@ from typing import Any
 import numpy as np
 
 from mimo_ray.data.audio import crop_or_pad, fbank, load_audio, log_mel
-from mimo_ray.data.video import decode_image, decode_video
+from mimo_ray.data.video import CLIP_MEAN, CLIP_STD, decode_image, decode_video, normalize_frames
+
+#: Frames travel through the pipeline as uint8 ``[..., H, W, 3]`` (4x fewer bytes than the normalised floats) and
+#: are normalised by the consumer with the same :func:`normalize_frames`, which gives bit-identical tensors.
+FRAME_MODALITIES = ("video", "images")
 
 
 @dataclass(frozen=True)
@@ -117,6 +121,39 @@ def decode_media(request: dict[str, Any], spec: MediaSpec) -> dict[str, np.ndarr
         if tuple(arr.shape) != spec.shape(mod):
             raise ValueError(f"{mod} decoded to shape {tuple(arr.shape)}, the encoder takes {spec.shape(mod)}")
     return {m: np.ascontiguousarray(a, dtype=np.float32) for m, a in out.items()}
+
+
+def transport_layout(modality: str, shape: tuple[int, ...]) -> tuple[type, tuple[int, ...]]:
+    """``(dtype, per-sample shape)`` a modality travels as, given its model input ``shape``."""
+    if modality == "video":
+        frames, _, height, width = shape
+        return np.uint8, (frames, height, width, 3)
+    if modality == "images":
+        _, height, width = shape
+        return np.uint8, (height, width, 3)
+    return np.float32, tuple(shape)
+
+
+def to_transport(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Model inputs → transport arrays: CLIP-normalised frames back to their exact uint8 RGB values."""
+    out = {}
+    for mod, arr in arrays.items():
+        if mod in FRAME_MODALITIES:
+            frames = arr if mod == "video" else arr[None]
+            rgb = (frames.transpose(0, 2, 3, 1) * CLIP_STD + CLIP_MEAN) * np.float32(255.0)
+            arr = np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
+            arr = arr if mod == "video" else arr[0]
+        out[mod] = np.ascontiguousarray(arr)
+    return out
+
+
+def from_transport(modality: str, batch: np.ndarray) -> np.ndarray:
+    """Transport arrays ``[B, *transport shape]`` → model inputs ``[B, *shape]`` float32 (a new array)."""
+    if modality not in FRAME_MODALITIES:
+        return np.array(batch, dtype=np.float32)
+    size = batch.shape[0]
+    frames = normalize_frames(batch.reshape(-1, *batch.shape[-3:]))
+    return frames.reshape(size, -1, *frames.shape[1:]) if modality == "video" else frames
 
 
 def request_paths(request: dict[str, Any]) -> list[str]:

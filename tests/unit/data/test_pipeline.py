@@ -14,7 +14,7 @@ import torch
 from mimo_ray.config import load_config
 from mimo_ray.data.isolation import FAULTS_ENV, DecodeProcess, decode_isolated
 from mimo_ray.data.quarantine import read_quarantine
-from mimo_ray.data.sample_media import MediaSpec
+from mimo_ray.data.sample_media import MediaSpec, decode_media, from_transport
 from mimo_ray.data.tokenizer import SPECIAL_TOKENS
 
 QUESTION = "<video>\n<audio>\nWhat colour is the ball and which note is playing?"
@@ -299,7 +299,7 @@ def test_isolated_decoder_survives_hangs_and_aborts(data):
     proc = DecodeProcess(spec)
     try:
         first = decode_isolated(proc, request, timeout_s=20, retries=0)
-        assert first.arrays is not None and first.arrays["video"].shape == (4, 3, 32, 32)
+        assert first.arrays is not None and first.arrays["video"].shape == (4, 32, 32, 3)
         hang = decode_isolated(proc, {**request, "fault": "hang"}, timeout_s=1, retries=1)
         assert (hang.stage, hang.attempts, hang.arrays) == ("timeout", 2, None)
         abort = decode_isolated(proc, {**request, "fault": "abort"}, timeout_s=20, retries=1)
@@ -309,3 +309,8 @@ def test_isolated_decoder_survives_hangs_and_aborts(data):
         assert np.array_equal(again.arrays["audio"], first.arrays["audio"])
     finally:
         proc.kill()
+    # Frames travel as uint8 and are normalised by the consumer: bit-identical to decoding in-process.
+    direct = decode_media(request, spec)
+    assert first.arrays["video"].dtype == np.uint8
+    assert np.array_equal(from_transport("video", first.arrays["video"][None])[0], direct["video"])
+    np.testing.assert_allclose(first.arrays["audio"], direct["audio"], atol=1e-4)  # BLAS threads differ
