@@ -9,18 +9,8 @@ import logging
 import math
 import os
 import sys
-import warnings
 from pathlib import Path
 from typing import Any
-
-# Megatron warns at import that TE/Apex are missing and that MIMO is experimental; on CPU that is expected.
-for _pattern in (
-    ".*Transformer Engine and Apex are not installed.*",
-    ".*Apex is not installed.*",
-    ".*experimental and still under active development.*",
-    ".*full scope is deprecated.*",
-):
-    warnings.filterwarnings("ignore", message=_pattern)
 
 
 def init_logging(prefix: str = "driver", level: int = logging.INFO) -> logging.Logger:

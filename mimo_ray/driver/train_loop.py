@@ -42,6 +42,18 @@ def is_recoverable(err: BaseException) -> bool:
     return isinstance(err, ConnectionError)
 
 
+def checkpoint_extras(cfg: Config, data: Any) -> dict[str, Any]:
+    """Tokenizer, chat template, special-token ids and data position for a checkpoint, so inference and resume can
+    never drift from training (random data still records the tokenizer the config implies).
+    """
+    if hasattr(data, "checkpoint_extras"):
+        return data.checkpoint_extras()
+    from mimo_ray.data.tokenizer import ChatTokenizer
+
+    tok = ChatTokenizer.from_config(cfg).to_dict()
+    return {"tokenizer": tok, "chat_template": tok["chat_template"], "special_token_ids": tok["special_tokens"]}
+
+
 class TrainLoop:
     """Owns the runtime, the data source, metrics and checkpoints of one training run.
 
@@ -66,6 +78,7 @@ class TrainLoop:
         self.data: Any = None
         self.step = 0
         self.failures: list[str] = []
+        self._eval_cache: list[list[Any]] | None = None
         self.metrics = MetricsWriter(self.out)
 
     @classmethod
@@ -131,7 +144,7 @@ class TrainLoop:
             "samples_consumed": self.step * self.cfg.data.global_batch_size,
             "config": config_to_dict(self.cfg),
         }
-        state.update(self.data.checkpoint_extras() if hasattr(self.data, "checkpoint_extras") else {})
+        state.update(checkpoint_extras(self.cfg, self.data))
         ckpt.write_driver_state(tmp, state)
         save_config(self.cfg, tmp / "config.yaml")
         return ckpt.commit(self.ckpt_dir, tmp, self.step)
@@ -146,20 +159,23 @@ class TrainLoop:
             self.data.advance(1)
         return {**result, "lr": lr}
 
+    def _eval_batches(self) -> list[list[Any]]:
+        """The val split's first ``train.eval_batches`` global batches, decoded once and reused by every eval."""
+        if self._eval_cache is None:
+            source = build_data_source(self.cfg, "val", start_sample=0)
+            try:
+                self._eval_cache = [source.next_step() for _ in range(self.cfg.train.eval_batches)]
+            finally:
+                source.close()
+        return self._eval_cache
+
     def evaluate(self) -> dict[str, float]:
-        """Mean per-token loss over ``train.eval_batches`` global batches of the val split (fused-style pull)."""
-        source = build_data_source(self.cfg, "val", start_sample=0)
+        """Mean per-token loss over the cached val batches (the same samples at every eval)."""
         total, tokens = 0.0, 0
-        try:
-            for _ in range(self.cfg.train.eval_batches):
-                micro = source.next_step()
-                if not micro:
-                    break
-                res = self.runtime.eval_step(micro)
-                total += res["loss"] * res["num_tokens"]
-                tokens += res["num_tokens"]
-        finally:
-            source.close()
+        for micro in self._eval_batches():
+            res = self.runtime.eval_step(micro)
+            total += res["loss"] * res["num_tokens"]
+            tokens += res["num_tokens"]
         return {"loss": total / max(tokens, 1), "num_tokens": tokens}
 
     def run(self) -> dict[str, Any]:
