@@ -25,6 +25,7 @@ def _load_make_synthetic():  # noqa: ANN202 - datasets/ is not a package (it wou
     path = Path(__file__).resolve().parents[1] / "datasets" / "make_synthetic.py"
     spec = importlib.util.spec_from_file_location("make_synthetic", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules["make_synthetic"] = module  # dataclasses look their module up while the file executes
     spec.loader.exec_module(module)
     return module.make_synthetic
 
