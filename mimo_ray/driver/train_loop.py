@@ -116,6 +116,10 @@ class TrainLoop:
             self.step = int(state["step"])
             log.info("resumed from %s (step %d)", found, self.step)
         self.metrics.truncate_after(self.step)
+        if self.cfg.train.eval_interval and self.cfg.data.val_path:
+            # Decode the val batches before the train streams hold the decode workers: a second Ray Data
+            # pipeline started later would wait for CPUs the first one keeps (a silent starvation, NOTES §3).
+            self._eval_batches()
         self.data = build_data_source(self.cfg, "train", start_sample=self.step * self.cfg.data.global_batch_size)
         if self.cfg.train.runtime == "disaggregated":
             self.runtime.set_data_iterators(self.data.rank_streams(self.cfg.parallel.encoder_dp))
