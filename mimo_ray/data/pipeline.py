@@ -151,11 +151,25 @@ class Position:
         return {"samples": self.samples, "epoch": self.epoch, "rows_consumed": self.rows_consumed}
 
 
-def decode_dataset(plans: list[pa.Table], opts: DecodeOptions, cfg: Any, one_row_blocks: bool = False) -> Any:
-    """Ray Data dataset of decoded rows (:data:`~mimo_ray.data.collate.DECODED_SCHEMA`) for the plan tables."""
+def decode_dataset(
+    plans: list[pa.Table], opts: DecodeOptions, cfg: Any, one_row_blocks: bool = False, logical_cpus: bool = True
+) -> Any:
+    """Ray Data dataset of decoded rows (:data:`~mimo_ray.data.collate.DECODED_SCHEMA`) for the plan tables.
+
+    Args:
+        plans: plan tables, decoded in this order.
+        opts: decode options.
+        cfg: config (``data.num_decode_workers``, stage reservations).
+        one_row_blocks: one row per block (the per-rank streams need it).
+        logical_cpus: decode tasks hold logical CPUs. ``False`` (evaluation during training) asks for none: a paused
+            training pipeline keeps its decode tasks (blocked on generator backpressure) and their CPUs, and an eval
+            pipeline that waits for those CPUs stalls for minutes (measured); blocked tasks use no real CPU.
+    """
     import ray
 
     budget, per_task = decode_resources(cfg)
+    if not logical_cpus:
+        per_task = 0
     plan = pa.concat_tables(plans) if plans else PLAN_SCHEMA.empty_table()
     workers = cfg.data.num_decode_workers
     step = clips_per_task(plan.num_rows, workers)
@@ -357,7 +371,7 @@ class ManifestDataSource:
         batcher = MicroBatcher(self.layout, self.cfg.data.micro_batch_size, self.next_micro, self._on_bad,
                                self.manifest.path, self.split)  # fmt: skip
         while True:
-            ds = decode_dataset([self.plan.table(epoch, offset)], self._opts, self.cfg)
+            ds = decode_dataset([self.plan.table(epoch, offset)], self._opts, self.cfg, logical_cpus=not self.finite)
             blocks = ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2)
             try:
                 for table in blocks:
