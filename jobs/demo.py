@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/demo", help="output directory (data, run, predictions)")
     ap.add_argument("--num-samples", type=int, default=400, help="synthetic clips (20%% go to val)")
-    ap.add_argument("--steps", type=int, default=400, help="optimizer steps")
+    ap.add_argument("--steps", type=int, default=800, help="optimizer steps")
     ap.add_argument("--runtime", default="disaggregated", choices=["disaggregated", "fused"])
     ap.add_argument("--seed", type=int, default=0)
     args, extra = ap.parse_known_args(argv)
