@@ -94,6 +94,76 @@ def configure_context(ctx: Any, cpu_budget: float, one_row_blocks: bool = False)
         ctx.target_max_block_size = 1
 
 
+class TimedIterator:
+    """Runs a generator in a background thread and hands its items over with a stall timeout, so a pipeline that
+    stops producing raises instead of hanging the driver silently (NOTES §3).
+
+    Args:
+        source: the generator.
+        timeout_s: longest wait for one item.
+        what: names the stream in the error.
+    """
+
+    _END = object()
+
+    def __init__(self, source: Any, timeout_s: float, what: str) -> None:
+        import queue
+        import threading
+
+        self.timeout_s = timeout_s
+        self.what = what
+        self._queue: queue.Queue = queue.Queue(maxsize=2)
+        self._stop = threading.Event()
+        self._source = source
+        self._thread = threading.Thread(target=self._run, name=f"mimo-data-{what}", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            for item in self._source:
+                while not self._stop.is_set():
+                    try:
+                        self._queue.put(("item", item), timeout=0.5)
+                        break
+                    except Exception:  # queue.Full: wait for the consumer or a stop
+                        continue
+                if self._stop.is_set():
+                    return
+            self._queue.put(("end", None))
+        except BaseException as err:  # handed to the consumer, raised there
+            self._queue.put(("error", err))
+        finally:
+            self._source.close()
+
+    def __iter__(self) -> TimedIterator:
+        return self
+
+    def __next__(self) -> Any:
+        import queue
+
+        try:
+            kind, value = self._queue.get(timeout=self.timeout_s)
+        except queue.Empty:
+            raise TimeoutError(
+                f"the {self.what} data pipeline produced nothing for {self.timeout_s:g} s (train.step_timeout_s)"
+            ) from None
+        if kind == "error":
+            raise value
+        if kind == "end":
+            self._queue.put(("end", None))
+            raise StopIteration
+        return value
+
+    def close(self) -> None:
+        self._stop.set()
+        while True:  # unblock a producer waiting on a full queue
+            try:
+                self._queue.get_nowait()
+            except Exception:  # queue.Empty
+                break
+        self._thread.join(timeout=10)
+
+
 class EpochPlan:
     """Which manifest row each plan position visits: epoch ``e`` is ``permutation(seed, e)`` of the rows.
 
@@ -388,7 +458,7 @@ class ManifestDataSource:
     def next_step(self) -> list[dict[str, Any]]:
         """The micro-batches of the next optimizer step, in global order (fewer, then none, at the end of ``val``)."""
         if self._stream is None:
-            self._stream = self._driver_batches()
+            self._stream = TimedIterator(self._driver_batches(), self.cfg.train.step_timeout_s, self.split)
         out = []
         for _ in range(self.micro_per_step):
             mb = next(self._stream, None)

@@ -76,3 +76,34 @@ def test_clips_per_task_keeps_every_worker_busy():
     assert clips_per_task(10_000, 4) == 15
     assert clips_per_task(12, 2) == 2
     assert clips_per_task(1, 8) == 1
+
+
+def test_timed_iterator_passes_items_errors_and_stalls():
+    import time
+
+    from mimo_ray.data.pipeline import TimedIterator
+
+    def stalls():
+        yield 1
+        time.sleep(1.5)
+        yield 2
+
+    it = TimedIterator(stalls(), 0.3, "test")
+    assert next(it) == 1
+    with pytest.raises(TimeoutError, match="produced nothing for 0.3 s"):
+        next(it)
+    it.close()
+
+    def fails():
+        yield 1
+        raise ValueError("boom")
+
+    it = TimedIterator(fails(), 5, "test")
+    assert next(it) == 1
+    with pytest.raises(ValueError, match="boom"):
+        next(it)
+    assert list(TimedIterator(iter_gen(3), 5, "test")) == [0, 1, 2]
+
+
+def iter_gen(n):
+    yield from range(n)

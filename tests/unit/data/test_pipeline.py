@@ -19,6 +19,7 @@ from mimo_ray.data.tokenizer import SPECIAL_TOKENS
 
 QUESTION = "<video>\n<audio>\nWhat colour is the ball and which note is playing?"
 STEPS = 6  # 24 samples = 3 epochs of the 8 good training rows
+pytestmark = pytest.mark.timeout(240)  # a stalled pipeline fails its test instead of the suite's 600 s
 GET_TIMEOUT_S = 180
 
 
