@@ -218,7 +218,7 @@ def test_every_bad_input_is_quarantined_with_its_stage(data, ray_local, tmp_path
 
     monkeypatch.setenv(FAULTS_ENV, json.dumps({"bad-hang": "hang", "bad-abort": "abort"}))
     cfg = make_cfg(data["train"], tmp_path, f"data.val_path={data['quarantine']}", "data.max_bad_fraction=1.0",
-                   "data.decode_timeout_s=3", "data.decode_retries=1")  # fmt: skip
+                   "data.decode_timeout_s=8", "data.decode_retries=0")  # fmt: skip  (retries: see the last test)
     src = ManifestDataSource(cfg, "val")
     out_ids = []
     try:
