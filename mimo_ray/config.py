@@ -166,6 +166,93 @@ class AudioConfig:
         return (self.num_input_frames // self.patch_size) * (self.fbank_bins // self.patch_size)
 
 
+OUTPUT_NAMES = ("image_out", "audio_out")
+
+
+@dataclass
+class ImageOutputConfig:
+    """Image output: K generation-token hidden states → projection → conv upsampler → RGB ``[3, size, size]``."""
+
+    _path = "model.outputs.image_out"
+    enabled: bool = False
+    # Id of the generation token (``<image_gen>`` in the byte tokenizer); its K hidden states condition the decoder.
+    token_id: int = 264
+    # K: generation tokens per image.
+    num_tokens: int = 4
+    # Width the output projection maps each LM hidden state to.
+    decoder_dim: int = 64
+    # Output image side in pixels (a power of two >= 8).
+    image_size: int = 64
+    # Pixel loss ("l1" or "mse"), per image mean, weighted against the text cross-entropy.
+    loss: str = "l1"
+    loss_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check_choice("model.outputs.image_out.loss", self.loss, ("l1", "mse"))
+        _check_positive(self, "num_tokens", "decoder_dim", "image_size")
+        _check_positive(self, "loss_weight", allow_zero=True)
+        size = self.image_size
+        if size < 8 or size & (size - 1):
+            raise ValueError(f"model.outputs.image_out.image_size={size} must be a power of two >= 8")
+
+
+@dataclass
+class AudioOutputConfig:
+    """Audio output: K hidden states → projection → log-mel ``[n_mels, T]`` → Griffin-Lim waveform."""
+
+    _path = "model.outputs.audio_out"
+    enabled: bool = False
+    # Id of the generation token (``<audio_gen>`` in the byte tokenizer).
+    token_id: int = 265
+    num_tokens: int = 4
+    decoder_dim: int = 64
+    sample_rate: int = 16000
+    # Length of the generated clip.
+    seconds: float = 0.5
+    n_fft: int = 512
+    hop_length: int = 128
+    n_mels: int = 64
+    # Griffin-Lim iterations when turning a generated mel into a waveform (inference only).
+    griffin_lim_iters: int = 32
+    # Mel loss ("l1" or "mse") on the log-mel, per clip mean, weighted against the text cross-entropy.
+    loss: str = "l1"
+    loss_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check_choice("model.outputs.audio_out.loss", self.loss, ("l1", "mse"))
+        _check_positive(self, "num_tokens", "decoder_dim", "sample_rate", "seconds", "n_fft", "hop_length")
+        _check_positive(self, "n_mels", "griffin_lim_iters")
+        _check_positive(self, "loss_weight", allow_zero=True)
+        if self.n_mels > self.n_fft // 2 + 1:
+            raise ValueError(
+                f"model.outputs.audio_out.n_mels={self.n_mels} exceeds the n_fft // 2 + 1 = "
+                f"{self.n_fft // 2 + 1} STFT bins"
+            )
+
+    @property
+    def num_samples(self) -> int:
+        """Waveform samples of a generated clip."""
+        return int(round(self.seconds * self.sample_rate))
+
+    @property
+    def num_frames(self) -> int:
+        """Mel frames of a clip (centred STFT)."""
+        return self.num_samples // self.hop_length + 1
+
+
+@dataclass
+class OutputsConfig:
+    """Multimodal outputs (the "Out" of MIMO); all off by default."""
+
+    _path = "model.outputs"
+    image_out: ImageOutputConfig = field(default_factory=ImageOutputConfig)
+    audio_out: AudioOutputConfig = field(default_factory=AudioOutputConfig)
+
+    def active(self) -> dict[str, ImageOutputConfig | AudioOutputConfig]:
+        """``{name: config}`` of the enabled outputs, in :data:`OUTPUT_NAMES` order."""
+        return {n: getattr(self, n) for n in OUTPUT_NAMES if getattr(self, n).enabled}
+
+
 @dataclass
 class ModelConfig:
     """The MIMO model: LM, encoders, attention backend, precision and the special tokens."""
@@ -182,6 +269,7 @@ class ModelConfig:
     attention_dropout: float = 0.0
     init_method_std: float = 0.02
     recompute: bool = False
+    outputs: OutputsConfig = field(default_factory=OutputsConfig)
 
     def __post_init__(self) -> None:
         _check_choice("model.attention_backend", self.attention_backend, ("sdpa", "local", "te"))
@@ -198,6 +286,16 @@ class ModelConfig:
         ids = [self.special_token_ids[m] for m in self.modalities]
         if len(set(ids)) != len(ids):
             raise ValueError(f"model.special_token_ids must be distinct per modality, got {self.special_token_ids}")
+        for name, out in self.outputs.active().items():
+            if not 0 <= out.token_id < self.lm.vocab_size:
+                raise ValueError(
+                    f"model.outputs.{name}.token_id={out.token_id} is outside the vocabulary [0, {self.lm.vocab_size})"
+                )
+            if out.token_id in ids:
+                raise ValueError(f"model.outputs.{name}.token_id={out.token_id} is also an input modality's token id")
+        out_ids = [o.token_id for o in self.outputs.active().values()]
+        if len(set(out_ids)) != len(out_ids):
+            raise ValueError(f"model.outputs token ids must be distinct, got {out_ids}")
 
 
 @dataclass

@@ -69,3 +69,39 @@ def random_batch(cfg: Config, batch_size: int, seed: int, text_len: int | None =
         "loss_mask": loss_mask,
         "modality_inputs": modality_inputs,
     }
+
+
+def with_output_tasks(cfg: Config, batch: Batch, seed: int) -> Batch:
+    """Turn some samples of a :func:`random_batch` into output tasks (tests, benchmarks).
+
+    Sample ``b`` gets the K generation tokens of the ``b % (n + 1)``-th enabled output (``n`` outputs; the last
+    residue keeps a text-only sample) written right after its placeholders, with random targets (images
+    ``[N, 3, S, S]`` uint8, waveforms ``[N, L]``) in ``batch["output_targets"]``, batch-major.
+
+    Raises:
+        ValueError: no output is enabled in ``model.outputs``.
+    """
+    outputs = cfg.model.outputs.active()
+    if not outputs:
+        raise ValueError("model.outputs enables no output")
+    gen = torch.Generator().manual_seed(seed)
+    input_ids = batch["input_ids"].clone()
+    start = 1 + sum(tokens_per_sample(cfg, m) for m in cfg.model.modalities)
+    names = list(outputs)
+    targets: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    for b in range(input_ids.shape[0]):
+        choice = b % (len(names) + 1)
+        if choice == len(names):
+            continue
+        name, spec = names[choice], outputs[names[choice]]
+        input_ids[b, start : start + spec.num_tokens] = spec.token_id
+        if name == "image_out":
+            size = spec.image_size
+            targets[name].append(torch.randint(0, 256, (3, size, size), generator=gen, dtype=torch.uint8))
+        else:
+            targets[name].append(0.5 * torch.randn(spec.num_samples, generator=gen))
+    labels = torch.roll(input_ids, shifts=-1, dims=1)
+    labels[:, -1] = PAD_ID % cfg.model.lm.vocab_size
+    out = {**batch, "input_ids": input_ids, "labels": labels}
+    out["output_targets"] = {n: torch.stack(t) for n, t in targets.items() if t}
+    return out

@@ -15,7 +15,9 @@ import torch
 from megatron.core.models.mimo import MimoModel, MimoModelConfig
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
+from mimo_ray.config import ModelConfig
 from mimo_ray.model.align import align_embeddings
+from mimo_ray.model.decoders import OutputDecoders, gather_generation_rows
 
 warnings.filterwarnings("ignore", message=".*experimental and still under active development.*")
 
@@ -70,11 +72,18 @@ class MimoRayModel(MimoModel):
     Args:
         mimo_config: upstream config (language model spec, modality specs, special token ids).
         init_seed: seed of the per-part initialisation.
+        model_cfg: when given and ``model_cfg.outputs`` enables outputs, the output decoders are built beside the
+            language model (``self.output_decoders``, seeded as their own part); otherwise there is no such module.
     """
 
-    def __init__(self, mimo_config: MimoModelConfig, init_seed: int = 1234) -> None:
+    def __init__(self, mimo_config: MimoModelConfig, init_seed: int = 1234, model_cfg: ModelConfig | None = None):
         self.init_seed = init_seed
         super().__init__(mimo_config)
+        self.output_decoders: OutputDecoders | None = None
+        if model_cfg is not None and model_cfg.outputs.active():
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(part_seed(init_seed, "output_decoders"))
+                self.output_decoders = OutputDecoders(model_cfg)
 
     def _initialize_submodules(self) -> None:
         for name, spec in self.mimo_config.modality_submodules_spec.items():
@@ -100,7 +109,8 @@ class MimoRayModel(MimoModel):
         modality_embeddings: dict[str, torch.Tensor],
         labels: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+        output_targets: dict[str, torch.Tensor] | None = None,
+    ) -> Any:
         """Language-model half.
 
         Args:
@@ -109,10 +119,54 @@ class MimoRayModel(MimoModel):
             modality_embeddings: ``{modality: [N_tokens, H]}`` from :meth:`encode` (or from encoder actors).
             labels: ``[B, S]`` targets; ``None`` for logits.
             attention_mask: optional Megatron mask (``True`` = masked), ``[B, 1, S, S]``.
+            output_targets: ``{output name: [N, ...]}`` decoder targets of the samples holding that output's
+                generation tokens (batch-major); only with enabled ``model.outputs``.
 
         Returns:
-            Per-token loss ``[B, S]`` with labels, else logits ``[B, S, V]``.
+            Per-token loss ``[B, S]`` with labels, else logits ``[B, S, V]``; with ``output_targets`` the pair
+            ``(that, {output name: weighted decoder loss sum})``.
         """
+        if output_targets is None:
+            return self._run_lm(input_ids, position_ids, modality_embeddings, labels, attention_mask)
+        result, rows = self.forward_lm_rows(input_ids, position_ids, modality_embeddings, labels, attention_mask)
+        return result, self.output_decoders.loss_sums(rows, output_targets)
+
+    def forward_lm_rows(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None,
+        modality_embeddings: dict[str, torch.Tensor],
+        labels: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Like :meth:`forward_lm`, plus the final-norm hidden states at the generation tokens.
+
+        Returns:
+            ``(loss [B, S] or logits [B, S, V], {output name: [N*K, H]})`` (rows batch-major, C2 order).
+
+        Raises:
+            ValueError: no output is enabled in ``model.outputs``.
+        """
+        if self.output_decoders is None:
+            raise ValueError("model.outputs enables no output, so there are no generation-token hidden states")
+        captured: list[torch.Tensor] = []
+        # The TransformerBlock applies the final norm; its output is exactly what the output layer reads.
+        handle = self.language_model.decoder.register_forward_hook(lambda _m, _i, out: captured.append(out))
+        try:
+            result = self._run_lm(input_ids, position_ids, modality_embeddings, labels, attention_mask)
+        finally:
+            handle.remove()
+        hidden_SBH = captured[-1][0] if isinstance(captured[-1], tuple) else captured[-1]
+        return result, gather_generation_rows(hidden_SBH, input_ids, self.output_decoders.token_ids)
+
+    def _run_lm(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None,
+        modality_embeddings: dict[str, torch.Tensor],
+        labels: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+    ) -> torch.Tensor:
         text = self.get_text_embeddings(input_ids, position_ids, self.special_token_ids)
         decoder_input = self.align_embeddings_by_token_positions(
             {**modality_embeddings, "text": text}, input_ids, self.special_token_ids
@@ -133,11 +187,17 @@ class MimoRayModel(MimoModel):
         loss_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         modality_inputs: dict[str, dict[str, dict[str, Any]]] | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        output_targets: dict[str, torch.Tensor] | None = None,
+    ) -> tuple[Any, ...]:
         """Fused step, same contract as upstream ``MimoModel.forward`` (C1).
 
         Returns:
-            ``(per-token loss [B, S] or logits [B, S, V], loss_mask)``; the mask is returned unapplied.
+            ``(per-token loss [B, S] or logits [B, S, V], loss_mask)``; the mask is returned unapplied. With
+            ``output_targets`` (enabled ``model.outputs``) a third item ``{output name: weighted decoder loss
+            sum}``: the step's loss is ``(sum(loss * mask) + sum of those) / sum(mask)``.
         """
         embeddings = self.encode(modality_inputs)
-        return self.forward_lm(input_ids, position_ids, embeddings, labels, attention_mask), loss_mask
+        if output_targets is None:
+            return self.forward_lm(input_ids, position_ids, embeddings, labels, attention_mask), loss_mask
+        loss, out_losses = self.forward_lm(input_ids, position_ids, embeddings, labels, attention_mask, output_targets)
+        return loss, loss_mask, out_losses

@@ -21,7 +21,15 @@ from mimo_ray.config import Config
 from mimo_ray.data.random_stream import RandomBatchStream
 from mimo_ray.model import build_encoder_part, encode_modalities
 from mimo_ray.stages.base import Stage, stage_call
-from mimo_ray.stages.payload import TOKEN_KEYS, batch_size, concat_rows, pack, slice_samples, unpack
+from mimo_ray.stages.payload import (
+    TOKEN_KEYS,
+    batch_size,
+    concat_rows,
+    pack,
+    slice_output_targets,
+    slice_samples,
+    unpack,
+)
 
 
 class EncoderStage(Stage):
@@ -99,8 +107,9 @@ class EncoderStage(Stage):
             train: keep the graph for backward.
 
         Returns:
-            One payload per range: ``{"emb": {modality: [N_piece, H]}}`` plus ``"tokens": {key: [b, S]}`` on the
-            leader; then (leader) one media payload per follower group.
+            One payload per range: ``{"emb": {modality: [N_piece, H]}}`` plus ``"tokens": {key: [b, S]}`` (and
+            ``"targets": {output: [n, ...]}`` when the batch has ``output_targets``) on the leader; then (leader)
+            one media payload per follower group.
 
         Raises:
             ValueError: the ranges do not tile the batch, or rows and placeholders disagree.
@@ -126,6 +135,10 @@ class EncoderStage(Stage):
             piece: dict[str, Any] = {"emb": slice_samples(emb, input_ids, ids, start, stop)}
             if self.leader:
                 piece["tokens"] = {k: batch[k][start:stop] for k in TOKEN_KEYS}
+                if batch.get("output_targets"):
+                    specs = self.cfg.model.outputs.active()
+                    targets = batch["output_targets"]
+                    piece["targets"] = slice_output_targets(targets, input_ids, specs, start, stop)
             outputs.append(pack(piece, self.payload_format))
         for mods in followers:
             media = {m: inputs[m] for m in mods if inputs.get(m) is not None}

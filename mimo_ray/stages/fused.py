@@ -29,15 +29,19 @@ class FusedStage(Stage):
 
     def _loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         batch = unpack(batch, self.device)
-        loss_BS, mask_BS = self.module(
+        out = self.module(
             input_ids=batch["input_ids"],
             position_ids=batch["position_ids"],
             loss_mask=batch["loss_mask"],
             labels=batch["labels"],
             modality_inputs=batch.get("modality_inputs"),
+            output_targets=batch.get("output_targets") or None,
         )
-        mask_BS = mask_BS.to(loss_BS.dtype)
-        return (loss_BS * mask_BS).sum(), mask_BS.sum()
+        loss_BS, mask_BS = out[0], out[1].to(out[0].dtype)
+        loss_sum = (loss_BS * mask_BS).sum()
+        for value in (out[2] if len(out) > 2 else {}).values():
+            loss_sum = loss_sum + value  # decoder losses share the text loss's global token normalisation
+        return loss_sum, mask_BS.sum()
 
     @stage_call
     def forward_backward(self, batch: dict[str, Any]) -> dict[str, float]:

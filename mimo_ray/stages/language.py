@@ -17,7 +17,15 @@ import torch
 from mimo_ray.config import Config
 from mimo_ray.model import build_lm_part
 from mimo_ray.stages.base import Stage, stage_call
-from mimo_ray.stages.payload import concat_rows, concat_tokens, loss_stats, pack, rows_per_sample, unpack
+from mimo_ray.stages.payload import (
+    concat_rows,
+    concat_targets,
+    concat_tokens,
+    loss_stats,
+    pack,
+    rows_per_sample,
+    unpack,
+)
 
 
 class LanguageStage(Stage):
@@ -51,12 +59,24 @@ class LanguageStage(Stage):
         piece_tokens = [piece[0]["tokens"] for piece in pieces]
         groups = [sorted(pieces[0][g]["emb"]) for g in range(num_groups)]
         emb = concat_rows([{k: v for part in piece for k, v in part["emb"].items()} for piece in pieces])
-        return concat_tokens(piece_tokens), emb, groups, piece_tokens
+        tokens = concat_tokens(piece_tokens)
+        targets = concat_targets([piece[0].get("targets") or {} for piece in pieces])
+        if targets is not None:
+            tokens["output_targets"] = targets
+        return tokens, emb, groups, piece_tokens
 
     def _loss(self, tokens: dict, emb: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        loss_BS = self.module.forward_lm(tokens["input_ids"], tokens["position_ids"], emb, tokens["labels"])
+        targets = tokens.get("output_targets")
+        args = (tokens["input_ids"], tokens["position_ids"], emb, tokens["labels"])
+        if targets is None:
+            loss_BS, out_losses = self.module.forward_lm(*args), {}
+        else:
+            loss_BS, out_losses = self.module.forward_lm(*args, output_targets=targets)
         mask_BS = tokens["loss_mask"].to(loss_BS.dtype)
-        return (loss_BS * mask_BS).sum(), mask_BS.sum()
+        loss_sum = (loss_BS * mask_BS).sum()
+        for value in out_losses.values():
+            loss_sum = loss_sum + value  # decoder losses share the text loss's global token normalisation
+        return loss_sum, mask_BS.sum()
 
     @stage_call
     def forward_backward(self, key: Any, num_groups: int, *payloads: Any, return_grads: bool = True) -> list[Any]:

@@ -149,6 +149,48 @@ def concat_rows(pieces: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor
     return out
 
 
+def slice_output_targets(
+    targets: dict[str, torch.Tensor], input_ids_BS: torch.Tensor, outputs: dict[str, Any], start: int, stop: int
+) -> dict[str, torch.Tensor]:
+    """The output-decoder targets of samples ``start:stop`` (one target row per sample holding an output's K
+    generation tokens, batch-major).
+
+    Args:
+        targets: ``{output name: [N, ...]}`` of the whole batch.
+        input_ids_BS: ``[B, S]`` ids of the whole batch.
+        outputs: ``cfg.model.outputs.active()``.
+        start: first sample.
+        stop: one past the last sample.
+
+    Returns:
+        ``{output name: [N_slice, ...]}`` views.
+
+    Raises:
+        ValueError: an output is not enabled, or target rows and samples holding generation tokens disagree.
+    """
+    out = {}
+    for name, rows in targets.items():
+        if name not in outputs:
+            raise ValueError(f"the batch has {name!r} targets but model.outputs.{name} is not enabled")
+        spec = outputs[name]
+        owners = [1 if c else 0 for c in rows_per_sample(input_ids_BS, spec.token_id)]
+        if sum(owners) != rows.shape[0]:
+            raise ValueError(
+                f"output {name!r}: {sum(owners)} samples hold generation tokens but {rows.shape[0]} targets given"
+            )
+        offsets = row_offsets(owners)
+        out[name] = rows[offsets[start] : offsets[stop]]
+    return out
+
+
+def concat_targets(pieces: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor] | None:
+    """Join per-piece output targets in sample order (``None`` when no piece carries any)."""
+    names = sorted({n for piece in pieces for n in piece})
+    if not names:
+        return None
+    return {n: torch.cat([piece[n] for piece in pieces if n in piece], dim=0) for n in names}
+
+
 def concat_tokens(pieces: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """Join per-piece token tensors (``TOKEN_KEYS``, each ``[B_i, S]``) along the batch into ``[sum B_i, S]``."""
     return {key: torch.cat([piece[key] for piece in pieces], dim=0) for key in TOKEN_KEYS}
