@@ -12,6 +12,14 @@ Usage::
 
 Writes ``train.jsonl``, ``val.jsonl``, ``clips/*.mp4`` and ``audio/*.wav`` under ``--out``. The script only
 needs numpy, PyAV and soundfile, so it runs without the ``mimo_ray`` package on the path.
+
+``--output-tasks N`` (opt-in) also writes N generation tasks for the output decoders to ``train_out.jsonl`` /
+``val_out.jsonl``: "Draw a red circle." → ``targets/*.png`` (a 64x64 circle) and "Play the note A." →
+``targets/*.wav`` (0.5 s at 16 kHz); the gpt answer is the generation tag (``<image_gen>`` / ``<audio_gen>``) and the
+row's ``image_out`` / ``audio_out`` field names the target file::
+
+    {"id": "draw-00000", "conversations": [{"from": "human", "value": "Draw a red circle."},
+     {"from": "gpt", "value": "<image_gen>"}], "image_out": "targets/draw-00000.png", "colour": "red"}
 """
 
 from __future__ import annotations
@@ -19,7 +27,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import struct
 import sys
+import zlib
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -63,6 +73,7 @@ def make_synthetic(
     size: tuple[int, int] = (64, 64),
     seed: int = 0,
     val_fraction: float = 0.2,
+    output_tasks: int = 0,
 ) -> dict[str, object]:
     """Writes the synthetic data set.
 
@@ -77,6 +88,7 @@ def make_synthetic(
         size: Frame ``(width, height)`` in pixels; both even (yuv420p).
         seed: Seed for every random choice; equal seeds give equal manifests.
         val_fraction: Fraction of samples (rounded) put in ``val.jsonl``.
+        output_tasks: Generation tasks to write besides (see :func:`make_output_tasks`; 0: none).
 
     Returns:
         ``{"out_dir", "train_manifest", "val_manifest", "num_train", "num_val", "num_muxed_audio",
@@ -125,7 +137,9 @@ def make_synthetic(
         with open(paths[split], "w", encoding="utf-8") as f:
             for row in split_rows:
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    extra = make_output_tasks(out, output_tasks, seed, val_fraction) if output_tasks > 0 else {}
     return {
+        **extra,
         "out_dir": out,
         "train_manifest": paths["train"],
         "val_manifest": paths["val"],
@@ -135,6 +149,80 @@ def make_synthetic(
         "num_separate_audio": num_samples - num_muxed,
         "video_codec": video_codec,
         "audio_codec": audio_codec,
+    }
+
+
+OUTPUT_IMAGE_SIZE = 64
+OUTPUT_AUDIO_RATE = 16000
+OUTPUT_AUDIO_SECONDS = 0.5
+
+
+def write_png(path: str, rgb: np.ndarray) -> None:
+    """Writes uint8 ``[H, W, 3]`` as an 8-bit RGB PNG (zlib only)."""
+    height, width, _ = rgb.shape
+    raw = b"".join(b"\x00" + rgb[y].tobytes() for y in range(height))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    with open(path, "wb") as f:
+        body = chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+        f.write(b"\x89PNG\r\n\x1a\n" + body)
+
+
+def render_circle(colour: str, size: int, rng: np.random.Generator) -> np.ndarray:
+    """A filled circle of ``colour`` near the centre of a dark square: uint8 ``[size, size, 3]``."""
+    radius = rng.uniform(0.25, 0.35) * size
+    cx, cy = size * rng.uniform(0.4, 0.6, size=2)
+    yy, xx = np.mgrid[0:size, 0:size]
+    image = np.empty((size, size, 3), dtype=np.uint8)
+    image[:] = rng.integers(8, 40, size=3).astype(np.uint8)
+    image[(xx + 0.5 - cx) ** 2 + (yy + 0.5 - cy) ** 2 <= radius**2] = np.array(COLOURS[colour], dtype=np.uint8)
+    return image
+
+
+def make_output_tasks(out: str, num_tasks: int, seed: int, val_fraction: float) -> dict[str, object]:
+    """Writes ``num_tasks`` generation tasks (alternating image / audio; colours and notes cycle, so both splits
+    are balanced) to ``train_out.jsonl`` / ``val_out.jsonl`` and their targets to ``targets/``.
+
+    Returns:
+        ``{"train_out_manifest", "val_out_manifest", "num_train_out", "num_val_out"}``.
+    """
+    os.makedirs(os.path.join(out, "targets"), exist_ok=True)
+    num_val = round(num_tasks * val_fraction)
+    rows: dict[str, list[dict[str, object]]] = {"train": [], "val": []}
+    colours, notes = list(COLOURS), list(NOTES)
+    for index in range(num_tasks):
+        rng = np.random.default_rng([seed, 1_000_000 + index])
+        split = "val" if index < num_val else "train"
+        cycle = index // 2
+        if index % 2 == 0:
+            colour = colours[cycle % len(colours)]
+            rid = f"draw-{index:05d}"
+            rel = f"targets/{rid}.png"
+            write_png(os.path.join(out, rel), render_circle(colour, OUTPUT_IMAGE_SIZE, rng))
+            human, answer, extra = f"Draw a {colour} circle.", "<image_gen>", {"image_out": rel, "colour": colour}
+        else:
+            note = notes[cycle % len(notes)]
+            rid = f"play-{index:05d}"
+            rel = f"targets/{rid}.wav"
+            wave = render_tone(NOTES[note], OUTPUT_AUDIO_SECONDS, OUTPUT_AUDIO_RATE, rng)
+            soundfile.write(os.path.join(out, rel), wave, OUTPUT_AUDIO_RATE, subtype="PCM_16")
+            human, answer, extra = f"Play the note {note}.", "<audio_gen>", {"audio_out": rel, "note": note}
+        conv = [{"from": "human", "value": human}, {"from": "gpt", "value": answer}]
+        rows[split].append({"id": rid, "conversations": conv, **extra})
+    paths = {}
+    for split, split_rows in rows.items():
+        paths[split] = os.path.join(out, f"{split}_out.jsonl")
+        with open(paths[split], "w", encoding="utf-8") as f:
+            for row in split_rows:
+                f.write(json.dumps(row) + "\n")
+    return {
+        "train_out_manifest": paths["train"],
+        "val_out_manifest": paths["val"],
+        "num_train_out": len(rows["train"]),
+        "num_val_out": len(rows["val"]),
     }
 
 
@@ -319,10 +407,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--val-fraction", type=float, default=0.2, help="fraction put in val.jsonl (default 0.2)"
     )
+    parser.add_argument(
+        "--output-tasks", type=int, default=0, help="also write N draw/play generation tasks (default 0)"
+    )
     args = parser.parse_args(argv)
     try:
         summary = make_synthetic(
-            args.out, args.num_samples, args.seconds, args.fps, args.size, args.seed, args.val_fraction
+            args.out, args.num_samples, args.seconds, args.fps, args.size, args.seed, args.val_fraction,
+            args.output_tasks,
         )
     except ValueError as exc:
         parser.error(

@@ -209,9 +209,10 @@ class AudioOutputConfig:
     sample_rate: int = 16000
     # Length of the generated clip.
     seconds: float = 0.5
-    n_fft: int = 512
-    hop_length: int = 128
-    n_mels: int = 64
+    # 1024-point STFT and 128 mels: fine enough below 1 kHz to keep a tone's pitch through mel → Griffin-Lim.
+    n_fft: int = 1024
+    hop_length: int = 256
+    n_mels: int = 128
     # Griffin-Lim iterations when turning a generated mel into a waveform (inference only).
     griffin_lim_iters: int = 32
     # Mel loss ("l1" or "mse") on the log-mel, per clip mean, weighted against the text cross-entropy.
