@@ -216,6 +216,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ``{"machine": …, "config": …, <sub-command>: Table.to_dict(), …}`` (also written to ``--json``).
     """
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] in (["-h"], ["--help"]):
+        print("usage: bench.py {" + ",".join((*SUBCOMMANDS, "all")) + "} [options]   (bench.py <sub> --help)")
+        print(__doc__)
+        raise SystemExit(0)
     if not argv or argv[0] not in (*SUBCOMMANDS, "all"):
         print(__doc__)
         raise SystemExit(f"error: first argument must be one of {', '.join((*SUBCOMMANDS, 'all'))}")

@@ -168,7 +168,12 @@ class TrainLoop:
         if self._eval_cache is None:
             source = build_data_source(self.cfg, "val", start_sample=0)
             try:
-                self._eval_cache = [source.next_step() for _ in range(self.cfg.train.eval_batches)]
+                self._eval_cache = []
+                for _ in range(self.cfg.train.eval_batches):
+                    micro = source.next_step()
+                    if not micro:  # a val split shorter than eval_batches global batches
+                        break
+                    self._eval_cache.append(micro)
             finally:
                 source.close()
         return self._eval_cache

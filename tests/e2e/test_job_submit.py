@@ -57,18 +57,22 @@ def test_ray_job_submit_trains_and_checkpoints(tmp_path):
     out = tmp_path / "run"
     try:
         _wait_http(address, 90)
-        submit = subprocess.run(
-            [
-                str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", ".", "--",
-                "python", "jobs/train.py", "--preset", "tiny", "--max-steps", "3", "--output-dir", str(out),
-                "train.ckpt_interval=2",
-            ],
-            cwd=ROOT,
-            env=_env(),
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
+        for _attempt in range(10):  # the job agent can come up seconds after the dashboard answers
+            submit = subprocess.run(
+                [
+                    str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", ".", "--",
+                    "python", "jobs/train.py", "--preset", "tiny", "--max-steps", "3", "--output-dir", str(out),
+                    "train.ckpt_interval=2",
+                ],
+                cwd=ROOT,
+                env=_env(),
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
+            if "No available agent" not in submit.stdout + submit.stderr:
+                break
+            time.sleep(3)
         assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
         job_id = re.search(r"raysubmit_\w+", submit.stdout + submit.stderr).group(0)
         from ray.job_submission import JobStatus, JobSubmissionClient
