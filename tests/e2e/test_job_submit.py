@@ -57,7 +57,7 @@ def test_ray_job_submit_trains_and_checkpoints(tmp_path):
     out = tmp_path / "run"
     try:
         _wait_http(address, 90)
-        for _attempt in range(10):  # the job agent can come up seconds after the dashboard answers
+        for _attempt in range(40):  # the job agent can come up seconds after the dashboard answers
             submit = subprocess.run(
                 [
                     str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", ".", "--",
