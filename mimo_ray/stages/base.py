@@ -101,8 +101,8 @@ class Stage:
 
     # ----- set-up -------------------------------------------------------------------------------------------------
     def build_module(self) -> torch.nn.Module:
-        """The stage's model part (subclasses)."""
-        raise NotImplementedError
+        """The stage's model part; every concrete stage (encoder, LM, fused) overrides this."""
+        raise TypeError(f"{type(self).__name__} does not define build_module()")
 
     @stage_call
     def setup(self, init_method: str | None = None, payload_format: str = "numpy") -> dict[str, Any]:
