@@ -40,12 +40,16 @@ def _wait_http(url: str, timeout_s: float) -> None:
 
 @pytest.mark.cluster
 def test_ray_job_submit_trains_and_checkpoints(tmp_path):
-    gcs, dash = free_port(), free_port()
+    # Every port is chosen free: a session Ray instance (the `ray_local` fixture) may still hold the defaults,
+    # e.g. its dashboard agent on 52365, and a second agent that cannot bind means "No available agent".
+    gcs, dash, agent_http, agent_grpc, metrics, runtime_env = (free_port() for _ in range(6))
     temp_dir = Path("/tmp") / f"ray_jobtest_{gcs}"
     head = subprocess.Popen(
         [
             str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs}", f"--dashboard-port={dash}",
             "--dashboard-host=127.0.0.1", "--include-dashboard=true", "--num-cpus=4",
+            f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
+            f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={runtime_env}",
             f"--temp-dir={temp_dir}", "--disable-usage-stats",
         ],
         env=_env(),
@@ -57,7 +61,8 @@ def test_ray_job_submit_trains_and_checkpoints(tmp_path):
     out = tmp_path / "run"
     try:
         _wait_http(address, 90)
-        for _attempt in range(40):  # the job agent can come up seconds after the dashboard answers
+        agent_deadline = time.time() + 120
+        while True:  # the job agent can come up seconds after the dashboard answers
             submit = subprocess.run(
                 [
                     str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", ".", "--",
@@ -70,7 +75,7 @@ def test_ray_job_submit_trains_and_checkpoints(tmp_path):
                 text=True,
                 timeout=300,
             )
-            if "No available agent" not in submit.stdout + submit.stderr:
+            if "No available agent" not in submit.stdout + submit.stderr or time.time() > agent_deadline:
                 break
             time.sleep(3)
         assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
