@@ -429,6 +429,9 @@ class ClusterConfig:
         if address:
             return {"address": address}
         kwargs: dict[str, Any] = {
+            # "local": always a new embedded instance, never a `ray start` cluster that happens to run on this host
+            # (it would reject the resource arguments); attach to one with cluster.address=auto / RAY_ADDRESS.
+            "address": "local",
             "include_dashboard": False,
             "object_store_memory": self.object_store_memory_mb * 1024 * 1024,
         }

@@ -1,4 +1,6 @@
-"""Pick the data source of a split: the manifest pipeline when a path is configured, else random batches."""
+"""Pick the data source of a split: output tasks or the manifest pipeline when a path is configured, else random
+batches.
+"""
 
 from __future__ import annotations
 
@@ -21,6 +23,10 @@ def build_data_source(cfg: Config, split: str, start_sample: int = 0):  # noqa: 
             # A different seed so "validation" batches are not the training ones.
             cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=cfg.train.seed + 1))
         return RandomDataSource(cfg, start_sample)
+    from mimo_ray.data.output_source import OutputTaskSource, is_output_manifest
+
+    if is_output_manifest(path):
+        return OutputTaskSource(cfg, split, start_sample=start_sample)
     from mimo_ray.data.pipeline import ManifestDataSource
 
     return ManifestDataSource(cfg, split, start_sample=start_sample)

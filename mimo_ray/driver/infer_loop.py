@@ -73,7 +73,8 @@ def run_inference(
         ckpt: a run dir, checkpoint dir or ``step_<N>`` dir.
         data_path: manifest (JSONL/Parquet).
         output: predictions JSONL; rows ``{id, prediction, answer, correct, num_generated_tokens, ...}`` or
-            ``{id, error, stage, path}`` for quarantined inputs.
+            ``{id, error, stage, path}`` for quarantined inputs. An output-task manifest (``image_out`` /
+            ``audio_out`` rows) writes PNG / WAV files instead, see :mod:`mimo_ray.driver.output_infer`.
         resume: skip ids already in ``output``.
         use_cache: KV-cache generation (``False``: re-run the whole prefix per token, the naive baseline).
 
@@ -94,6 +95,15 @@ def run_inference(
     if not resume and out.exists():
         out.unlink()
     runtime = build_infer_runtime(cfg, str(step_dir))
+    from mimo_ray.data.output_source import is_output_manifest
+
+    if is_output_manifest(data_path):
+        from mimo_ray.driver.output_infer import run_output_inference
+
+        try:
+            return run_output_inference(cfg, step_dir, state, data_path, output, runtime, resume)
+        finally:
+            runtime.close()
     streams, quarantined = prompt_streams(cfg, data_path, runtime.num_streams, skip_ids=done, tokenizer=tokenizer)
     params = {
         "max_new_tokens": cfg.infer.max_new_tokens,

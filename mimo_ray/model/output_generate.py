@@ -35,11 +35,74 @@ def requested_output(row: dict[str, Any], outputs: dict[str, Any]) -> str:
     raise ValueError(f"row {row.get('id')!r} asks for none of the enabled outputs {sorted(outputs)}")
 
 
+def build_output_prompts(
+    tok: OutputChatTokenizer, outputs: dict[str, Any], rows: list[dict[str, Any]]
+) -> tuple[list[str], torch.Tensor]:
+    """Each row's prompt followed by the K generation tokens of its requested output, right-padded.
+
+    Returns:
+        ``(output name per row, input_ids [B, S])``; causal attention keeps the right padding out of every prompt.
+    """
+    names = [requested_output(r, outputs) for r in rows]
+    seqs = [
+        list(tok.encode_prompt(r["conversations"]).ids) + [outputs[n].token_id] * outputs[n].num_tokens
+        for r, n in zip(rows, names, strict=True)
+    ]
+    ids = torch.full((len(seqs), max(len(s) for s in seqs)), tok.pad_id, dtype=torch.long)
+    for b, seq in enumerate(seqs):
+        ids[b, : len(seq)] = torch.tensor(seq)
+    return names, ids
+
+
 @torch.no_grad()
+def decode_generation(model: Any, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """One LM forward over prompts ending in generation tokens → each output's decoded media, batch-major.
+
+    Args:
+        model: a :class:`~mimo_ray.model.MimoRayModel` with output decoders (fused, or an LM rank's part).
+        input_ids: ``[B, S]`` from :func:`build_output_prompts`.
+
+    Returns:
+        ``{"image_out": [n, 3, S, S] in [0, 1], "audio_out": [n, samples] waveform}`` for the outputs present, in
+        the order their samples appear in the batch.
+    """
+    model.eval()
+    batch, seq = input_ids.shape
+    positions = torch.arange(seq, device=input_ids.device).expand(batch, seq)
+    _, rows_by_output = model.forward_lm_rows(input_ids, positions, {})
+    decoded = {n: model.output_decoders.decode(n, r) for n, r in rows_by_output.items()}
+    if "image_out" in decoded:
+        decoded["image_out"] = decoded["image_out"].float().clamp(0, 1)
+    if "audio_out" in decoded:
+        decoded["audio_out"] = model.output_decoders.waveform(decoded["audio_out"]).float()
+    return decoded
+
+
+def write_output(name: str, value: np.ndarray, path_stem: Path, spec: Any) -> Path:
+    """Write one decoded output: image ``[3, S, S]`` in [0, 1] → ``<stem>.png``; waveform ``[L]`` → ``<stem>.wav``."""
+    if name == "image_out":
+        path = path_stem.with_suffix(".png")
+        write_png(path, np.round(np.clip(value, 0, 1) * 255).astype(np.uint8).transpose(1, 2, 0))
+    else:
+        path = path_stem.with_suffix(".wav")
+        write_wav(path, np.asarray(value, dtype=np.float32), spec.sample_rate)
+    return path
+
+
+def split_decoded(names: list[str], decoded: dict[str, Any]) -> list[Any]:
+    """Per-row values from :func:`decode_generation`'s batch-major groups, in row order."""
+    taken = dict.fromkeys(decoded, 0)
+    values = []
+    for name in names:
+        values.append(decoded[name][taken[name]])
+        taken[name] += 1
+    return values
+
+
 def generate_outputs(
     model: Any, cfg: Any, rows: list[dict[str, Any]], out_dir: str | os.PathLike, batch_size: int = 8
 ) -> list[dict[str, Any]]:
-    """Write one PNG or WAV per row.
+    """Write one PNG or WAV per row, in this process.
 
     Args:
         model: a :class:`~mimo_ray.model.MimoRayModel` with output decoders (fused, or the LM part: no input media).
@@ -55,34 +118,13 @@ def generate_outputs(
     tok = OutputChatTokenizer(ChatTokenizer.from_config(cfg), outputs)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    model.eval()
     preds = []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
-        names = [requested_output(r, outputs) for r in chunk]
-        seqs = [
-            list(tok.encode_prompt(r["conversations"]).ids) + [outputs[n].token_id] * outputs[n].num_tokens
-            for r, n in zip(chunk, names, strict=True)
-        ]
-        seq = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), seq), tok.pad_id, dtype=torch.long)
-        for b, s in enumerate(seqs):
-            ids[b, : len(s)] = torch.tensor(s)  # right padding: causal attention keeps it out of every prompt
-        positions = torch.arange(seq).expand(len(seqs), seq)
-        _, rows_by_output = model.forward_lm_rows(ids, positions, {})
-        decoded = {n: model.output_decoders.decode(n, r) for n, r in rows_by_output.items()}
-        if "audio_out" in decoded:
-            decoded["audio_out"] = model.output_decoders.waveform(decoded["audio_out"])
-        taken = dict.fromkeys(decoded, 0)
-        for row, name in zip(chunk, names, strict=True):
-            value = decoded[name][taken[name]].float().cpu()
-            taken[name] += 1
+        names, ids = build_output_prompts(tok, outputs, chunk)
+        decoded = decode_generation(model, ids)
+        for row, name, value in zip(chunk, names, split_decoded(names, decoded), strict=True):
             rid = str(row.get("id", start))
-            if name == "image_out":
-                path = out_dir / f"{rid}.png"
-                write_png(path, (value.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy())
-            else:
-                path = out_dir / f"{rid}.wav"
-                write_wav(path, value.numpy().astype(np.float32), outputs[name].sample_rate)
+            path = write_output(name, value.cpu().numpy(), out_dir / rid, outputs[name])
             preds.append({"id": rid, "output": name, f"{name}_path": str(path)})
     return preds

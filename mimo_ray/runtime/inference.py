@@ -41,6 +41,11 @@ class FusedInferRuntime:
             for batch in stream:
                 yield self.stage.generate_batch(batch, params)
 
+    def decode_outputs(self, batches: Iterable[Any]) -> Iterator[dict[str, Any]]:
+        """Output tasks: decoded media per ``input_ids [B, S]`` batch, in order."""
+        for input_ids in batches:
+            yield self.stage.decode_outputs(input_ids)
+
     def close(self) -> None:
         """Nothing held outside this process."""
 
@@ -131,6 +136,21 @@ class DisaggregatedInferRuntime:
             if rank in live:
                 submit(rank)
             yield result
+
+    def decode_outputs(self, batches: Iterable[Any]) -> Iterator[dict[str, Any]]:
+        """Output tasks (no input media, so the encoder group idles): each ``input_ids [B, S]`` batch goes to every
+        TP rank of one LM DP rank, round-robin, ``in_flight`` per DP rank; decoded media come back in order.
+        """
+        dp_cycle = itertools.cycle(sorted(self.lm_by_dp))
+        pending: list[Any] = []
+        window = self.in_flight * len(self.lm_by_dp)
+        for input_ids in batches:
+            refs = [actor.decode_outputs.remote(input_ids) for actor in self.lm_by_dp[next(dp_cycle)]]
+            pending.append(refs)
+            if len(pending) >= window:
+                yield get(pending.pop(0), self.timeout_s)[0]  # every TP rank's, so none fails unseen
+        while pending:
+            yield get(pending.pop(0), self.timeout_s)[0]
 
     def close(self) -> None:
         """Kill the actors and free their placement groups."""

@@ -127,7 +127,10 @@ class Stage:
         self.tp_rank = parallel_state.get_tensor_model_parallel_rank()
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.module = self.build_module().to(self.device)
-        self.optimizer = build_optimizer(self.module.parameters(), self.cfg.train)
+        # An encoder group with no input modality (output tasks only) has no parameters, hence no optimizer: it still
+        # reads the data stream and routes the tokens and targets to the LM group.
+        params = list(self.module.parameters())
+        self.optimizer = build_optimizer(params, self.cfg.train) if params else None
         num = sum(p.numel() for p in self.module.parameters())
         return {"rank": self.rank, "dp_rank": self.dp_rank, "tp_rank": self.tp_rank, "num_params": num}
 
@@ -210,8 +213,9 @@ class Stage:
             self._last_grads[name] = p.grad
             if coef < 1.0:
                 p.grad = p.grad * coef  # a new tensor: the pre-clip one stays readable
-        set_lr(self.optimizer, lr)
-        self.optimizer.step()
+        if self.optimizer is not None:
+            set_lr(self.optimizer, lr)
+            self.optimizer.step()
         for _, p in self._named_params():
             p.grad = None
         self._in_step = False
@@ -263,7 +267,8 @@ class Stage:
         file = self._ckpt_file(path)
         file.parent.mkdir(parents=True, exist_ok=True)
         model = {k: v.detach().cpu() for k, v in self.module.state_dict().items() if isinstance(v, torch.Tensor)}
-        torch.save({"model": model, "optimizer": self.optimizer.state_dict()}, file)
+        optim = self.optimizer.state_dict() if self.optimizer is not None else {}
+        torch.save({"model": model, "optimizer": optim}, file)
         return str(file)
 
     @stage_call
@@ -281,7 +286,8 @@ class Stage:
         missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
         if missing or result.unexpected_keys:
             raise ValueError(f"checkpoint {file}: missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}")
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.optimizer is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
         self._last_grads = {}
         self._in_step = False
 

@@ -5,6 +5,7 @@ cache, and loading weights from any training checkpoint layout.
     lm = LanguageInferStage(cfg); lm.setup(); lm.load_weights(ckpt)
     enc.set_data_iterator(prompt_batches)
     out = lm.generate(enc.encode_next())      # {"ids", "tokens", "num_generated", ...} or None at the end
+    media = lm.decode_outputs(input_ids)      # output tasks: {"image_out": [n, 3, S, S], "audio_out": [n, L]}
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 
 from mimo_ray.model import encode_modalities
 from mimo_ray.model.generate import generate
+from mimo_ray.model.output_generate import decode_generation
 from mimo_ray.stages.base import Stage, stage_call
 from mimo_ray.stages.encoder import EncoderStage
 from mimo_ray.stages.fused import FusedStage
@@ -69,7 +71,7 @@ def load_weights(stage: Stage, ckpt: str | Path) -> None:
         prefix = stage.name_prefix
         model = {k[len(prefix) :]: v for k, v in full.items() if k.startswith(prefix)}
         if isinstance(stage, LanguageInferStage):
-            model = {k: v for k, v in full.items() if k.startswith("language_model.")}
+            model = {k: v for k, v in full.items() if k.startswith(("language_model.", "output_decoders."))}
     result = stage.module.load_state_dict(model, strict=False)
     missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
     if missing or result.unexpected_keys:
@@ -98,6 +100,11 @@ def _generate(model: Any, tokens: dict, emb: dict, params: dict) -> dict[str, An
         "num_prompt_tokens": result.num_prompt_tokens,
         "num_generated_tokens": result.num_generated_tokens,
     }
+
+
+def _decode_outputs(stage: Stage, input_ids: Any) -> dict[str, Any]:
+    ids = torch.as_tensor(input_ids, dtype=torch.long, device=stage.device)
+    return {name: value.cpu().numpy() for name, value in decode_generation(stage.module, ids).items()}
 
 
 class EncoderInferStage(EncoderStage):
@@ -153,6 +160,13 @@ class LanguageInferStage(LanguageStage):
         out = _generate(self.module, data["tokens"], data["emb"], params)
         return {**{k: encoded[k] for k in PASSTHROUGH if k in encoded}, **out}
 
+    @stage_call
+    def decode_outputs(self, input_ids: Any) -> dict[str, Any]:
+        """Output tasks: prompts ending in generation tokens ``[B, S]`` → decoded media (numpy), batch-major
+        (:func:`~mimo_ray.model.output_generate.decode_generation`); every TP rank of a DP rank gets the call.
+        """
+        return _decode_outputs(self, input_ids)
+
 
 class FusedInferStage(FusedStage):
     """Encoders and LM in one process: the ``fused`` inference runtime and the one-process baseline."""
@@ -170,3 +184,8 @@ class FusedInferStage(FusedStage):
             emb = self.module.encode(data.get("modality_inputs"))
         tokens = {"input_ids": data["input_ids"], "prompt_lengths": data["prompt_lengths"]}
         return {**extra, **_generate(self.module, tokens, emb, params)}
+
+    @stage_call
+    def decode_outputs(self, input_ids: Any) -> dict[str, Any]:
+        """Same as :meth:`LanguageInferStage.decode_outputs`, in this process."""
+        return _decode_outputs(self, input_ids)
