@@ -7,8 +7,8 @@ PNG/WAV writers inference uses.
     batch["output_targets"]   # {"image_out": uint8 [N, 3, S, S], "audio_out": float32 [N, L]}, batch-major
 
 Each answer tag becomes exactly ``model.outputs.<name>.num_tokens`` generation tokens (C2's rule for outputs), so
-the LM's hidden states at those positions condition the decoder. The Ray Data pipeline does not read these
-manifests yet; this loader runs in the driver or an encoder rank's stream.
+the LM's hidden states at those positions condition the decoder. The targets are small, so they are read in the
+driver (:class:`~mimo_ray.data.output_source.OutputTaskSource`), not by the Ray Data media pipeline.
 """
 
 from __future__ import annotations

@@ -180,12 +180,14 @@ class TrainLoop:
 
     def evaluate(self) -> dict[str, float]:
         """Mean per-token loss over the cached val batches (the same samples at every eval)."""
-        total, tokens = 0.0, 0
+        totals: dict[str, float] = {}
+        tokens = 0
         for micro in self._eval_batches():
             res = self.runtime.eval_step(micro)
-            total += res["loss"] * res["num_tokens"]
+            for key in (k for k in res if k == "loss" or k.endswith("_loss")):
+                totals[key] = totals.get(key, 0.0) + res[key] * res["num_tokens"]
             tokens += res["num_tokens"]
-        return {"loss": total / max(tokens, 1), "num_tokens": tokens}
+        return {**{k: v / max(tokens, 1) for k, v in totals.items()}, "num_tokens": tokens}
 
     def run(self) -> dict[str, Any]:
         """Train to ``train.max_steps``; returns the summary (also written to ``summary.json``)."""
@@ -219,6 +221,7 @@ class TrainLoop:
                 "tokens_per_s": float(result["num_tokens"]) / max(float(result["step_time_s"]), 1e-9),
                 "grad_norm": float(result["grad_norm"]),
                 "lr": float(result["lr"]),
+                **{k: float(v) for k, v in result.items() if k.endswith("_loss")},  # per output decoder + text
             }
             self.metrics.write(record)
             bar.update(1)

@@ -37,14 +37,24 @@ def summarize(stats: list[dict[str, float]]) -> dict[str, Any]:
     """Global per-token mean loss of a step from its micro-batch stats.
 
     Args:
-        stats: ``{"loss_sum", "num_tokens"}`` per micro-batch.
+        stats: ``{"loss_sum", "num_tokens"}`` (+ ``"<output>_loss_sum"``) per micro-batch.
 
     Returns:
-        ``{"loss": sum(loss*mask)/sum(mask), "num_tokens": int}`` (``nan`` loss when there are no tokens).
+        ``{"loss": sum(loss*mask)/sum(mask), "num_tokens": int}`` (``nan`` loss when there are no tokens); with
+        output decoders also ``"<output>_loss"`` and ``"text_loss"``, on the same scale, summing to ``loss``.
     """
     tokens = math.fsum(s["num_tokens"] for s in stats)
-    loss = math.fsum(s["loss_sum"] for s in stats) / tokens if tokens else float("nan")
-    return {"loss": loss, "num_tokens": int(round(tokens))}
+
+    def mean(key: str) -> float:
+        return math.fsum(s.get(key, 0.0) for s in stats) / tokens if tokens else float("nan")
+
+    out: dict[str, Any] = {"loss": mean("loss_sum"), "num_tokens": int(round(tokens))}
+    parts = sorted({k for s in stats for k in s if k.endswith("_loss_sum") and k != "loss_sum"})
+    for key in parts:
+        out[key[: -len("_sum")]] = mean(key)
+    if parts:
+        out["text_loss"] = out["loss"] - math.fsum(out[k[: -len("_sum")]] for k in parts)
+    return out
 
 
 def check_iterators(iterators: Iterable, expected: int | None, *, picklable: bool) -> list:

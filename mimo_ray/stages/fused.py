@@ -27,7 +27,7 @@ class FusedStage(Stage):
     def build_module(self) -> torch.nn.Module:
         return build_fused_model(self.cfg)
 
-    def _loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         batch = unpack(batch, self.device)
         out = self.module(
             input_ids=batch["input_ids"],
@@ -39,9 +39,10 @@ class FusedStage(Stage):
         )
         loss_BS, mask_BS = out[0], out[1].to(out[0].dtype)
         loss_sum = (loss_BS * mask_BS).sum()
-        for value in (out[2] if len(out) > 2 else {}).values():
+        parts = out[2] if len(out) > 2 else {}
+        for value in parts.values():
             loss_sum = loss_sum + value  # decoder losses share the text loss's global token normalisation
-        return loss_sum, mask_BS.sum()
+        return loss_sum, mask_BS.sum(), parts
 
     @stage_call
     def forward_backward(self, batch: dict[str, Any]) -> dict[str, float]:
@@ -51,13 +52,13 @@ class FusedStage(Stage):
             ``{"loss_sum", "num_tokens", "num_samples"}``.
         """
         self._begin_step()
-        loss_sum, num_tokens = self._loss(batch)
+        loss_sum, num_tokens, parts = self._loss(batch)
         loss_sum.backward()
-        return loss_stats(loss_sum, num_tokens, len(batch["input_ids"]))
+        return loss_stats(loss_sum, num_tokens, len(batch["input_ids"]), parts)
 
     @stage_call
     def forward_only(self, batch: dict[str, Any]) -> dict[str, float]:
         """Evaluation stats of one micro-batch, no gradients."""
         with torch.no_grad():
-            loss_sum, num_tokens = self._loss(batch)
-        return loss_stats(loss_sum, num_tokens, len(batch["input_ids"]))
+            loss_sum, num_tokens, parts = self._loss(batch)
+        return loss_stats(loss_sum, num_tokens, len(batch["input_ids"]), parts)

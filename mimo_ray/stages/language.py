@@ -65,7 +65,7 @@ class LanguageStage(Stage):
             tokens["output_targets"] = targets
         return tokens, emb, groups, piece_tokens
 
-    def _loss(self, tokens: dict, emb: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    def _loss(self, tokens: dict, emb: dict) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         targets = tokens.get("output_targets")
         args = (tokens["input_ids"], tokens["position_ids"], emb, tokens["labels"])
         if targets is None:
@@ -76,7 +76,7 @@ class LanguageStage(Stage):
         loss_sum = (loss_BS * mask_BS).sum()
         for value in out_losses.values():
             loss_sum = loss_sum + value  # decoder losses share the text loss's global token normalisation
-        return loss_sum, mask_BS.sum()
+        return loss_sum, mask_BS.sum(), out_losses
 
     @stage_call
     def forward_backward(self, key: Any, num_groups: int, *payloads: Any, return_grads: bool = True) -> list[Any]:
@@ -96,9 +96,9 @@ class LanguageStage(Stage):
         self._begin_step()
         tokens, emb, groups, piece_tokens = self._join(num_groups, payloads)
         emb = {name: rows.requires_grad_() for name, rows in emb.items()}
-        loss_sum, num_tokens = self._loss(tokens, emb)
+        loss_sum, num_tokens, parts = self._loss(tokens, emb)
         loss_sum.backward()
-        stats = loss_stats(loss_sum, num_tokens, tokens["input_ids"].shape[0])
+        stats = loss_stats(loss_sum, num_tokens, tokens["input_ids"].shape[0], parts)
         if not return_grads:
             return [None]
         ids = self.cfg.model.special_token_ids
@@ -121,5 +121,5 @@ class LanguageStage(Stage):
         """Evaluation: the stats of one LM micro-batch without gradients (same arguments as forward_backward)."""
         tokens, emb, _, _ = self._join(num_groups, payloads)
         with torch.no_grad():
-            loss_sum, num_tokens = self._loss(tokens, emb)
-        return [loss_stats(loss_sum, num_tokens, tokens["input_ids"].shape[0])]
+            loss_sum, num_tokens, parts = self._loss(tokens, emb)
+        return [loss_stats(loss_sum, num_tokens, tokens["input_ids"].shape[0], parts)]

@@ -196,10 +196,17 @@ def concat_tokens(pieces: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tens
     return {key: torch.cat([piece[key] for piece in pieces], dim=0) for key in TOKEN_KEYS}
 
 
-def loss_stats(loss_sum: torch.Tensor, num_tokens: torch.Tensor, num_samples: int) -> dict[str, float]:
-    """What a micro-batch reports: ``sum(loss * loss_mask)``, ``sum(loss_mask)`` and its sample count."""
-    return {
+def loss_stats(
+    loss_sum: torch.Tensor, num_tokens: torch.Tensor, num_samples: int, parts: dict[str, torch.Tensor] | None = None
+) -> dict[str, float]:
+    """What a micro-batch reports: ``sum(loss * loss_mask)`` (decoder losses included), ``sum(loss_mask)``, its
+    sample count, and ``<output>_loss_sum`` per output decoder (its weighted share of ``loss_sum``).
+    """
+    stats = {
         "loss_sum": float(loss_sum.detach()),
         "num_tokens": float(num_tokens.detach()),
         "num_samples": int(num_samples),
     }
+    for name, value in (parts or {}).items():
+        stats[f"{name}_loss_sum"] = float(value.detach())
+    return stats
