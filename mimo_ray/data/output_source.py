@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from mimo_ray.data.cursor import MicroBatchCursor
 from mimo_ray.data.output_tasks import (
     GEN_TAGS,
     OUTPUT_KEYS,
@@ -167,7 +168,7 @@ class OutputTaskStream:
         return batch
 
 
-class OutputTaskSource:
+class OutputTaskSource(MicroBatchCursor):
     """Driver-side data source over an output-task manifest (same interface as the manifest pipeline's source).
 
     Args:
@@ -202,14 +203,6 @@ class OutputTaskSource:
         self._ids, self._samples = ids, samples
         self.next_micro = start_sample // micro
         self._val_next = 0
-
-    @property
-    def micro_per_step(self) -> int:
-        return self.cfg.data.global_batch_size // self.cfg.data.micro_batch_size
-
-    @property
-    def samples_consumed(self) -> int:
-        return self.next_micro * self.cfg.data.micro_batch_size
 
     def _stream(self, rank: int = 0, num_ranks: int = 1) -> OutputTaskStream:
         shuffle = not self.finite and self.cfg.data.shuffle

@@ -31,6 +31,7 @@ import numpy as np
 import pyarrow as pa
 
 from mimo_ray.data.collate import MICROBATCH_SCHEMA, BatchLayout, MicroBatch, MicroBatcher
+from mimo_ray.data.cursor import MicroBatchCursor
 from mimo_ray.data.manifest import Manifest, read_manifest
 from mimo_ray.data.prepare import DecodeOptions, decode_batch
 from mimo_ray.data.quarantine import BadBudget, BadRow, QuarantineLog, bad_ids, quarantine_path
@@ -354,7 +355,7 @@ class RankStream:
         return MicroBatch.from_row(row, self.layout).to_batch(self.layout)
 
 
-class ManifestDataSource:
+class ManifestDataSource(MicroBatchCursor):
     """A manifest split as micro-batches for the driver (fused) or per-rank streams (disaggregated).
 
     Same interface as :class:`mimo_ray.data.random_stream.RandomDataSource`, plus :meth:`checkpoint_extras`.
@@ -397,14 +398,6 @@ class ManifestDataSource:
         self._coordinators: list[Any] = []
 
     # ----- positions
-    @property
-    def micro_per_step(self) -> int:
-        return self.cfg.data.global_batch_size // self.cfg.data.micro_batch_size
-
-    @property
-    def samples_consumed(self) -> int:
-        return self.next_micro * self.cfg.data.micro_batch_size
-
     @property
     def quarantined(self) -> int:
         """Distinct bad rows of this manifest in the quarantine file (this run and earlier ones)."""

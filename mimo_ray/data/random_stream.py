@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from mimo_ray.config import Config
+from mimo_ray.data.cursor import MicroBatchCursor
 from mimo_ray.model.inputs import Batch, random_batch
 
 
@@ -46,7 +47,7 @@ class RandomBatchStream:
         return batch
 
 
-class RandomDataSource:
+class RandomDataSource(MicroBatchCursor):
     """Driver-side view: micro-batches per step (fused runtime) or per-rank streams (disaggregated runtime).
 
     Args:
@@ -58,10 +59,6 @@ class RandomDataSource:
         self.cfg = cfg
         self.next_micro = start_sample // cfg.data.micro_batch_size
         self.quarantined = 0
-
-    @property
-    def micro_per_step(self) -> int:
-        return self.cfg.data.global_batch_size // self.cfg.data.micro_batch_size
 
     def next_step(self) -> list[Batch]:
         """The micro-batches of the next optimizer step, in global order."""
