@@ -80,6 +80,9 @@ def test_ray_job_submit_trains_and_checkpoints(tmp_path):
             time.sleep(3)
         assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
         job_id = re.search(r"raysubmit_\w+", submit.stdout + submit.stderr).group(0)
+        # The job's driver attached to this cluster (RAY_ADDRESS from the job supervisor), not an embedded Ray.
+        assert "Connecting to existing Ray cluster" in submit.stdout + submit.stderr
+        assert "Started a local Ray instance" not in submit.stdout + submit.stderr
         from ray.job_submission import JobStatus, JobSubmissionClient
 
         assert JobSubmissionClient(address).get_job_status(job_id) == JobStatus.SUCCEEDED
