@@ -343,6 +343,10 @@ class ParallelConfig:
     # Extra resources each encoder / LM actor's bundle asks for, e.g. {encoder_gpu: 1} to pin node types.
     encoder_resources: dict[str, float] = field(default_factory=dict)
     lm_resources: dict[str, float] = field(default_factory=dict)
+    # Output decoders (model.outputs): "lm" runs them inside every LM rank; "group" runs them in their own actor
+    # group (one actor, own placement group and world), fed the LM's generation-token states, returning their grads.
+    decoder_placement: str = "lm"
+    decoder_resources: dict[str, float] = field(default_factory=dict)
     # Encoder forwards submitted ahead of their backward (1: forward of micro-batch i+1 overlaps LM work on i).
     prefetch_microbatches: int = 1
     # torch intra-op threads in every stage process (actors and the fused runtime); 1 keeps CPU runs bit-exact
@@ -354,7 +358,8 @@ class ParallelConfig:
         _check_positive(self, "cpus_per_actor", "prefetch_microbatches", "torch_num_threads", allow_zero=True)
         _check_choice("parallel.encoder_groups", self.encoder_groups, ("shared", "per_modality"))
         _check_choice("parallel.transport", self.transport, ("auto", "object_store", "nccl", "cuda_ipc"))
-        for name in ("encoder_resources", "lm_resources"):
+        _check_choice("parallel.decoder_placement", self.decoder_placement, ("lm", "group"))
+        for name in ("encoder_resources", "lm_resources", "decoder_resources"):
             for key, amount in getattr(self, name).items():
                 if key in ("CPU", "GPU") or not isinstance(amount, int | float) or amount <= 0:
                     raise ValueError(

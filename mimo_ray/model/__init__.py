@@ -5,12 +5,14 @@ from __future__ import annotations
 import torch
 
 from mimo_ray.config import Config
-from mimo_ray.model.mimo import MimoRayModel, build_part, encode_modalities
+from mimo_ray.model.decoders import OutputDecoders
+from mimo_ray.model.mimo import MimoRayModel, build_part, encode_modalities, part_seed
 from mimo_ray.model.spec import INPUT_KWARG, encoder_name, input_shape, mimo_config, modality_spec, tokens_per_sample
 
 __all__ = [
     "INPUT_KWARG",
     "MimoRayModel",
+    "build_decoder_part",
     "build_encoder_part",
     "build_fused_model",
     "build_lm_part",
@@ -34,6 +36,19 @@ def build_lm_part(cfg: Config) -> MimoRayModel:
     decoders included when ``model.outputs`` enables any: they live beside the LM).
     """
     return MimoRayModel(mimo_config(cfg.model, modalities=[]), init_seed=cfg.train.seed, model_cfg=cfg.model)
+
+
+def build_decoder_part(cfg: Config) -> OutputDecoders:
+    """The output decoders alone, same weights as the fused model's ``output_decoders`` (seeded as that part).
+
+    Raises:
+        ValueError: ``model.outputs`` enables no output.
+    """
+    if not cfg.model.outputs.active():
+        raise ValueError("model.outputs enables no output; there are no decoders to build")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(part_seed(cfg.train.seed, "output_decoders"))
+        return OutputDecoders(cfg.model)
 
 
 def build_encoder_part(cfg: Config, modalities: list[str] | None = None) -> torch.nn.ModuleDict:

@@ -80,7 +80,10 @@ class MimoRayModel(MimoModel):
         self.init_seed = init_seed
         super().__init__(mimo_config)
         self.output_decoders: OutputDecoders | None = None
+        #: ``{output name: generation token id}`` (kept when the decoders run elsewhere, see ``drop_decoders``).
+        self.generation_token_ids: dict[str, int] = {}
         if model_cfg is not None and model_cfg.outputs.active():
+            self.generation_token_ids = {n: o.token_id for n, o in model_cfg.outputs.active().items()}
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(part_seed(init_seed, "output_decoders"))
                 self.output_decoders = OutputDecoders(model_cfg)
@@ -147,7 +150,7 @@ class MimoRayModel(MimoModel):
         Raises:
             ValueError: no output is enabled in ``model.outputs``.
         """
-        if self.output_decoders is None:
+        if not self.generation_token_ids:
             raise ValueError("model.outputs enables no output, so there are no generation-token hidden states")
         captured: list[torch.Tensor] = []
         # The TransformerBlock applies the final norm; its output is exactly what the output layer reads.
@@ -157,7 +160,11 @@ class MimoRayModel(MimoModel):
         finally:
             handle.remove()
         hidden_SBH = captured[-1][0] if isinstance(captured[-1], tuple) else captured[-1]
-        return result, gather_generation_rows(hidden_SBH, input_ids, self.output_decoders.token_ids)
+        return result, gather_generation_rows(hidden_SBH, input_ids, self.generation_token_ids)
+
+    def drop_decoders(self) -> None:
+        """Remove the output decoders (they run in their own actor group); the generation rows stay available."""
+        self.output_decoders = None
 
     def _run_lm(
         self,

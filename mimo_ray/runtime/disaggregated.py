@@ -27,9 +27,10 @@ import torch
 from mimo_ray.config import Config
 from mimo_ray.runtime.actor_group import ActorGroup, get
 from mimo_ray.runtime.base import Batch, check_iterators, summarize
-from mimo_ray.runtime.placement import GroupSpec, group_specs, wait_for_resources
+from mimo_ray.runtime.placement import GroupSpec, decoder_spec, group_specs, wait_for_resources
 from mimo_ray.runtime.routing import StepPlan, make_plan, submission_order
 from mimo_ray.runtime.transport import OBJECT_STORE, choose_transport, make_transport
+from mimo_ray.stages.decoder import DecoderStage
 from mimo_ray.stages.encoder import EncoderStage
 from mimo_ray.stages.language import LanguageStage
 from mimo_ray.stages.payload import batch_size, pack
@@ -77,17 +78,19 @@ class DisaggregatedRuntime:
         self.generation = next(_GENERATION)
         self.encoder_groups: list[ActorGroup] = []
         self.lm_group: ActorGroup | None = None
+        self.decoder_group: ActorGroup | None = None
         self.transport = None
         specs = group_specs(cfg)
-        wait_for_resources(specs, par.placement_timeout_s)
+        dec_spec = decoder_spec(cfg)
+        wait_for_resources([*specs, *([dec_spec] if dec_spec else [])], par.placement_timeout_s)
         try:
-            self._start(specs)
+            self._start(specs, dec_spec)
         except BaseException:
             self.close()
             raise
 
     # ----- set-up -------------------------------------------------------------------------------------------------
-    def _start(self, specs: list[GroupSpec]) -> None:
+    def _start(self, specs: list[GroupSpec], dec_spec: GroupSpec | None) -> None:
         par = self.cfg.parallel
         direct = par.use_gpu and par.transport != OBJECT_STORE
         common = {"generation": self.generation, "placement_timeout_s": par.placement_timeout_s}
@@ -97,6 +100,9 @@ class DisaggregatedRuntime:
         lm_spec = specs[-1]
         kwargs = partial(_lm_kwargs, self.cfg, lm_spec)
         self.lm_group = ActorGroup(lm_spec, LanguageStage, kwargs, tensor_transport=direct, **common)
+        if dec_spec is not None:
+            kwargs = partial(_lm_kwargs, self.cfg, dec_spec)
+            self.decoder_group = ActorGroup(dec_spec, DecoderStage, kwargs, tensor_transport=direct, **common)
         wait = par.placement_timeout_s + self.timeout_s
         enc_locations = [loc for g in self.encoder_groups for loc in g.locations(wait)]
         self.transport = make_transport(choose_transport(par, enc_locations, self.lm_group.locations(wait)))
@@ -112,8 +118,9 @@ class DisaggregatedRuntime:
 
     @property
     def groups(self) -> list[ActorGroup]:
-        """Encoder groups, then the LM group."""
-        return [*self.encoder_groups, *([self.lm_group] if self.lm_group else [])]
+        """Encoder groups, then the LM group, then the decoder group (if any)."""
+        tail = [g for g in (self.lm_group, self.decoder_group) if g is not None]
+        return [*self.encoder_groups, *tail]
 
     @property
     def all_actors(self) -> list[Any]:
@@ -152,6 +159,8 @@ class DisaggregatedRuntime:
         payloads = [fwd[p.enc_mb, g][plan.piece_index(p)] for p in pieces for g in range(num_groups)]
         args = (j, num_groups, *payloads)
         actors = self.lm_by_dp[plan.lm_rank[j]]
+        if self.decoder_group is not None:
+            return self._lm_via_decoders(actors, args, 1 + len(pieces) * num_groups, train, deps)
         if not train:
             refs = [self.transport.call(a, "forward_only", args, 1)[0] for a in actors]
             deps.setdefault(None, []).extend(refs[1:])
@@ -161,6 +170,26 @@ class DisaggregatedRuntime:
         for actor in actors[1:]:
             ref = self.transport.call(actor, "forward_backward", args, 1, kwargs={"return_grads": False})[0]
             deps.setdefault(id(actor), []).append(ref)
+        return first
+
+    def _lm_via_decoders(self, actors: list[Any], args: tuple, num_out: int, train: bool, deps: dict) -> list[Any]:
+        """An LM micro-batch whose decoders are their own group: LM ``forward_rows`` → decoder group → LM
+        ``backward_rows`` (training), or LM ``forward_rows`` → decoder ``decode_eval`` (evaluation).
+        """
+        decoder, key = self.decoder_group.actors[0], args[0]
+        rows = [self.transport.call(a, "forward_rows", args, 2, kwargs={"train": train}) for a in actors]
+        if not train:
+            deps.setdefault(None, []).extend(refs[0] for refs in rows[1:])
+            return self.transport.call(decoder, "decode_eval", (key, *rows[0]), 1)
+        # Other TP ranks' forward_rows results need no watching: their backward_rows fails if the forward did.
+        parts, grad_rows = self.transport.call(decoder, "decode_backward", (key, rows[0][1]), 2)
+        back = (key, parts, grad_rows)
+        first = self.transport.call(actors[0], "backward_rows", back, num_out, direct=range(1, num_out))
+        for actor in actors[1:]:
+            kwargs = {"return_grads": False}
+            deps.setdefault(id(actor), []).append(
+                self.transport.call(actor, "backward_rows", back, 1, kwargs=kwargs)[0]
+            )
         return first
 
     def _backward(self, plan: StepPlan, k: int, lm_out: dict, deps: dict) -> None:

@@ -76,6 +76,15 @@ def group_specs(cfg: Config) -> list[GroupSpec]:
     return specs
 
 
+def decoder_spec(cfg: Config) -> GroupSpec | None:
+    """The output-decoder group (one actor) when ``parallel.decoder_placement=group`` and outputs are enabled."""
+    par = cfg.parallel
+    if par.decoder_placement != "group" or not cfg.model.outputs.active():
+        return None
+    gpus = par.gpus_per_actor if par.use_gpu else 0.0
+    return GroupSpec("decoders", "decoder", 1, par.cpus_per_actor, gpus, dict(par.decoder_resources))
+
+
 def required_resources(specs: list[GroupSpec]) -> dict[str, float]:
     """Total of every bundle of every group."""
     total: dict[str, float] = {}

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from mimo_ray.model import encode_modalities
+from mimo_ray.model import build_lm_part, encode_modalities
 from mimo_ray.model.generate import generate
 from mimo_ray.model.output_generate import decode_generation
 from mimo_ray.stages.base import Stage, stage_call
@@ -52,7 +52,7 @@ def full_state_from_checkpoint(ckpt: str | Path) -> dict[str, torch.Tensor]:
     for file in files:
         model = torch.load(file, map_location="cpu", weights_only=True)["model"]
         role = file.parent.name
-        prefix = "modality_submodules." if role.startswith("encoder") else ""
+        prefix = {"encoder": "modality_submodules.", "decoders": "output_decoders."}.get(role.split("-")[0], "")
         state.update({prefix + k: v for k, v in model.items()})
     return state
 
@@ -66,6 +66,10 @@ def load_weights(stage: Stage, ckpt: str | Path) -> None:
     own = Path(ckpt) / stage.role / f"tp{stage.tp_rank}.pt"
     if own.exists():
         model = torch.load(own, map_location=stage.device, weights_only=True)["model"]
+        decoders = Path(ckpt) / "decoders" / "tp0.pt"
+        if isinstance(stage, LanguageInferStage) and decoders.exists():  # trained with parallel.decoder_placement=group
+            state = torch.load(decoders, map_location=stage.device, weights_only=True)["model"]
+            model.update({f"output_decoders.{k}": v for k, v in state.items()})
     else:
         full = full_state_from_checkpoint(ckpt)
         prefix = stage.name_prefix
@@ -137,6 +141,9 @@ class EncoderInferStage(EncoderStage):
 
 class LanguageInferStage(LanguageStage):
     """An LM rank that generates for encoded prompt batches (every TP rank of a DP rank gets the same call)."""
+
+    def build_module(self) -> torch.nn.Module:
+        return build_lm_part(self.cfg)  # output decoders always beside the LM for inference (no backward to route)
 
     @stage_call
     def load_weights(self, ckpt: str) -> None:

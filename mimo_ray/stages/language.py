@@ -42,7 +42,11 @@ class LanguageStage(Stage):
         super().__init__(cfg, role=role, rank=rank, world_size=world_size, tp=cfg.parallel.lm_tp)
 
     def build_module(self) -> torch.nn.Module:
-        return build_lm_part(self.cfg)
+        module = build_lm_part(self.cfg)
+        if self.cfg.parallel.decoder_placement == "group":
+            module.drop_decoders()  # they run in the decoder group (forward_rows / backward_rows)
+        self._graphs: dict[Any, tuple] = {}
+        return module
 
     def _join(self, num_groups: int, payloads: tuple[Any, ...]) -> tuple[dict, dict, list[list[str]], list[dict]]:
         """Pieces (``num_groups`` payloads each, group 0 holding the tokens) → one batch.
@@ -101,8 +105,12 @@ class LanguageStage(Stage):
         stats = loss_stats(loss_sum, num_tokens, tokens["input_ids"].shape[0], parts)
         if not return_grads:
             return [None]
+        return [stats, *self._grad_pieces(emb, groups, piece_tokens)]
+
+    def _grad_pieces(self, emb: dict, groups: list[list[str]], piece_tokens: list[dict]) -> list[Any]:
+        """The gradient of every embedding row, cut into the pieces (and groups) they came in."""
         ids = self.cfg.model.special_token_ids
-        outputs: list[Any] = [stats]
+        outputs: list[Any] = []
         first = dict.fromkeys(emb, 0)
         for part in piece_tokens:
             rows = {name: sum(rows_per_sample(part["input_ids"], ids[name])) for name in emb}
@@ -115,6 +123,61 @@ class LanguageStage(Stage):
             for name in emb:
                 first[name] += rows[name]
         return outputs
+
+    # ----- decoder-group layout (parallel.decoder_placement=group) --------------------------------------------------
+    def _text_and_rows(self, tokens: dict, emb: dict) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        args = (tokens["input_ids"], tokens["position_ids"], emb, tokens["labels"])
+        loss_BS, rows = self.module.forward_lm_rows(*args)
+        mask_BS = tokens["loss_mask"].to(loss_BS.dtype)
+        return (loss_BS * mask_BS).sum(), mask_BS.sum(), rows
+
+    @stage_call
+    def forward_rows(self, key: Any, num_groups: int, *payloads: Any, train: bool = True) -> list[Any]:
+        """Phase 1 of an LM micro-batch whose output decoders run in their own group: the text loss and the
+        final-norm hidden states at the generation tokens; the graph is kept under ``key`` for :meth:`backward_rows`.
+
+        Args: as :meth:`forward_backward`; ``train=False`` keeps no graph (evaluation).
+
+        Returns:
+            ``[text stats, {"rows": {output: [N*K, H]}, "targets": {output: [N, ...]}}]`` (same on every TP rank).
+        """
+        if train:
+            self._begin_step()
+        tokens, emb, groups, piece_tokens = self._join(num_groups, payloads)
+        size = tokens["input_ids"].shape[0]
+        with torch.set_grad_enabled(train):
+            emb = {name: rows.requires_grad_(train) for name, rows in emb.items()}
+            loss_sum, num_tokens, rows = self._text_and_rows(tokens, emb)
+        if train:
+            self._graphs[key] = (loss_sum, num_tokens, rows, emb, groups, piece_tokens, size)
+        payload = {"rows": {n: r.detach() for n, r in rows.items()}, "targets": tokens.get("output_targets") or {}}
+        return [loss_stats(loss_sum, num_tokens, size), pack(payload, self.payload_format)]
+
+    @stage_call
+    def backward_rows(self, key: Any, parts: dict[str, float], grad_rows: Any, return_grads: bool = True) -> list[Any]:
+        """Phase 2: backward of ``text loss + decoder losses`` from the decoder group's ``d loss / d rows``.
+
+        Args:
+            key: the micro-batch given to :meth:`forward_rows`.
+            parts: ``{output: weighted decoder loss sum}`` from the decoder group.
+            grad_rows: ``{output: [N*K, H]}`` gradients of the rows.
+            return_grads: as :meth:`forward_backward`.
+
+        Returns:
+            Exactly what :meth:`forward_backward` returns (stats include the decoder losses).
+        """
+        if key not in self._graphs:
+            raise KeyError(f"no forward graph for LM micro-batch {key!r}")
+        loss_sum, num_tokens, rows, emb, groups, piece_tokens, size = self._graphs.pop(key)
+        grads = unpack(grad_rows, self.device)
+        names = [n for n in rows if n in grads and rows[n].requires_grad]
+        outputs = [loss_sum, *(rows[n] for n in names)]
+        torch.autograd.backward(outputs, [torch.ones_like(loss_sum), *(grads[n] for n in names)])
+        if not return_grads:
+            return [None]
+        part_t = {n: torch.tensor(v, dtype=torch.float64) for n, v in parts.items()}
+        total = loss_sum.detach().double() + sum(part_t.values(), torch.zeros((), dtype=torch.float64))
+        return [loss_stats(total, num_tokens, size, part_t), *self._grad_pieces(emb, groups, piece_tokens)]
 
     @stage_call
     def forward_only(self, key: Any, num_groups: int, *payloads: Any) -> list[dict[str, float]]:

@@ -123,17 +123,23 @@ def test_generated_images_and_tones_follow_the_prompt(ray_local, tasks, tmp_path
 
 def test_jobs_disaggregated_equal_fused(ray_local, tasks, tmp_path):
     _, summary = tasks
-    for runtime in ("fused", "disaggregated"):
-        _train(tmp_path / runtime, summary, runtime, 3, "train.ckpt_interval=3")
-    fused, dis = (read_metrics(tmp_path / r / "metrics.jsonl") for r in ("fused", "disaggregated"))
-    assert [r["step"] for r in dis] == [1, 2, 3]
+    group = ("disaggregated", "--parallel.decoder_placement=group")  # the decoders in their own actor group
+    runs = {"fused": ("fused",), "dis": ("disaggregated",), "group": group}
+    for name, (runtime, *extra) in runs.items():
+        _train(tmp_path / name, summary, runtime, 3, "train.ckpt_interval=3", *extra)
+    fused = read_metrics(tmp_path / "fused" / "metrics.jsonl")
     keys = ("loss", "text_loss", "image_out_loss", "audio_out_loss")  # per-decoder losses are logged, and add up
-    for a, b in zip(dis, fused, strict=True):
-        assert all(abs(a[k] - b[k]) <= 1e-6 * abs(b["loss"]) for k in keys), (a, b)
-        assert a["image_out_loss"] > 0 and a["audio_out_loss"] > 0 and a["text_loss"] > 0
-        assert abs(a["text_loss"] + a["image_out_loss"] + a["audio_out_loss"] - a["loss"]) <= 1e-9 * a["loss"]
+    for name in ("dis", "group"):
+        dis = read_metrics(tmp_path / name / "metrics.jsonl")
+        assert [r["step"] for r in dis] == [1, 2, 3]
+        for a, b in zip(dis, fused, strict=True):
+            assert all(abs(a[k] - b[k]) <= 1e-6 * abs(b["loss"]) for k in keys), (name, a, b)
+            assert a["image_out_loss"] > 0 and a["audio_out_loss"] > 0 and a["text_loss"] > 0
+            assert abs(a["text_loss"] + a["image_out_loss"] + a["audio_out_loss"] - a["loss"]) <= 1e-9 * a["loss"]
+    # The decoder group checkpoints its own shard; inference reads it back in either runtime.
+    assert (tmp_path / "group" / "checkpoints" / "step_0000003" / "decoders" / "tp0.pt").exists()
 
-    # Inference from the disaggregated checkpoint in both runtimes; a row asking for nothing is reported, not lost.
+    # Inference from the decoder-group checkpoint in both runtimes; a row asking for nothing is reported, not lost.
     manifest = tmp_path / "val_plus_bad.jsonl"
     val = _rows(summary["val_out_manifest"])[:6]
     bad = {"id": "asks-nothing", "conversations": [{"from": "human", "value": "Hello."}]}
@@ -142,7 +148,7 @@ def test_jobs_disaggregated_equal_fused(ray_local, tasks, tmp_path):
     manifest.write_text("".join(json.dumps(r) + "\n" for r in [*absolute, bad]))
     outs = {}
     for runtime in ("fused", "disaggregated"):
-        _infer(tmp_path / "disaggregated", manifest, tmp_path / f"p_{runtime}.jsonl", runtime)
+        _infer(tmp_path / "group", manifest, tmp_path / f"p_{runtime}.jsonl", runtime)
         outs[runtime] = _rows(tmp_path / f"p_{runtime}.jsonl")
     for rows in outs.values():
         assert sorted(r["id"] for r in rows) == sorted([r["id"] for r in val] + ["asks-nothing"])

@@ -2,6 +2,7 @@
 targets routed with the tokens) equals the fused MimoModel with outputs, loss and every gradient incl. decoders."""
 
 import pytest
+import ray
 import torch
 
 from mimo_ray.config import load_config
@@ -25,6 +26,9 @@ CASES = {
     # decoders then convolve 4 samples at once instead of 2 (another summation order, as in the C3 re-split case),
     # and AdamW's normalisation magnifies that on near-zero gradients.
     "outputs_resplit_lm_dp2": (["parallel.lm_dp=2", "parallel.lm_micro_batch_size=4"], 1e-5, 1e-4),
+    # The decoders in their own actor group: generation-token states go LM → decoder group, their grads come back.
+    "outputs_decoder_group": (["parallel.decoder_placement=group"], 1e-6, 1e-6),
+    "outputs_decoder_group_lm_tp2": (["parallel.decoder_placement=group", "parallel.lm_tp=2"], 1e-5, 1e-3),
     # LM tensor-parallel over 2 ranks: the generation-token states come out of a TP all-reduce (C3's TP tolerance
     # for step 1; measured 7.2e-7). After AdamW's second step the parameters differ by 1.8e-4 relative (measured):
     # AdamW divides by sqrt(v), so last-bit gradient differences on near-zero gradients become visible updates.
@@ -41,6 +45,11 @@ def test_outputs_step_matches_fused(ray_local, megatron_world, report, case):
     n = cfg.data.global_batch_size // cfg.data.micro_batch_size
     diffs = {}
     with build_runtime(cfg) as dis:
+        if "parallel.decoder_placement=group" in extra:  # really a third group, and the LM ranks hold no decoders
+            assert dis.decoder_group is not None and len(dis.decoder_group.actors) == 1
+            parts = ray.get([a.full_parameters.remote() for a in dis.lm_group.actors], timeout=120)
+            lm_names = {k for part in parts for k in part}
+            assert lm_names and not any(k.startswith("output_decoders.") for k in lm_names)
         for step in range(2):
             mbs = [with_output_tasks(cfg, random_batch(cfg, 2, seed=10 * step + i), seed=i + step) for i in range(n)]
             ref, got = fused.train_step(mbs, lr=1e-3), dis.train_step(mbs, lr=1e-3)
