@@ -124,20 +124,24 @@ def test_generated_images_and_tones_follow_the_prompt(ray_local, tasks, tmp_path
 def test_jobs_disaggregated_equal_fused(ray_local, tasks, tmp_path):
     _, summary = tasks
     group = ("disaggregated", "--parallel.decoder_placement=group")  # the decoders in their own actor group
-    runs = {"fused": ("fused",), "dis": ("disaggregated",), "group": group}
-    for name, (runtime, *extra) in runs.items():
-        _train(tmp_path / name, summary, runtime, 3, "train.ckpt_interval=3", *extra)
+    const_lr = ("train.warmup_steps=0", "train.min_lr=3e-3", "train.ckpt_interval=3")  # lr independent of max_steps
+    runs = {"fused": ("fused", 5), "dis": ("disaggregated", 3), "group": (*group, 3)}
+    for name, (runtime, *extra, steps) in runs.items():
+        _train(tmp_path / name, summary, runtime, steps, *const_lr, *extra)
+    first_three = read_metrics(tmp_path / "group" / "metrics.jsonl")
+    _train(tmp_path / "group", summary, group[0], 5, *const_lr, group[1], "--resume")  # decoder group resumes
+    assert read_metrics(tmp_path / "group" / "metrics.jsonl")[:3] == first_three  # kept, not re-run (timings too)
     fused = read_metrics(tmp_path / "fused" / "metrics.jsonl")
     keys = ("loss", "text_loss", "image_out_loss", "audio_out_loss")  # per-decoder losses are logged, and add up
-    for name in ("dis", "group"):
+    for name, steps in (("dis", 3), ("group", 5)):
         dis = read_metrics(tmp_path / name / "metrics.jsonl")
-        assert [r["step"] for r in dis] == [1, 2, 3]
-        for a, b in zip(dis, fused, strict=True):
+        assert [r["step"] for r in dis] == list(range(1, steps + 1))
+        for a, b in zip(dis, fused[:steps], strict=True):
             assert all(abs(a[k] - b[k]) <= 1e-6 * abs(b["loss"]) for k in keys), (name, a, b)
             assert a["image_out_loss"] > 0 and a["audio_out_loss"] > 0 and a["text_loss"] > 0
             assert abs(a["text_loss"] + a["image_out_loss"] + a["audio_out_loss"] - a["loss"]) <= 1e-9 * a["loss"]
     # The decoder group checkpoints its own shard; inference reads it back in either runtime.
-    assert (tmp_path / "group" / "checkpoints" / "step_0000003" / "decoders" / "tp0.pt").exists()
+    assert (tmp_path / "group" / "checkpoints" / "step_0000005" / "decoders" / "tp0.pt").exists()
 
     # Inference from the decoder-group checkpoint in both runtimes; a row asking for nothing is reported, not lost.
     manifest = tmp_path / "val_plus_bad.jsonl"
