@@ -101,7 +101,7 @@ def run_inference(
         from mimo_ray.driver.output_infer import run_output_inference
 
         try:
-            return run_output_inference(cfg, step_dir, state, data_path, output, runtime, resume)
+            return run_output_inference(cfg, step_dir, tokenizer, data_path, out, done, runtime)
         finally:
             runtime.close()
     streams, quarantined = prompt_streams(cfg, data_path, runtime.num_streams, skip_ids=done, tokenizer=tokenizer)

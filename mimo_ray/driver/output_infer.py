@@ -1,7 +1,7 @@
 """Batched inference over an output-task manifest: prompts forced to end in the K generation tokens of the requested
 output → LM group + output decoders → one PNG / WAV per row under ``<output stem>_media/``, referenced from the JSONL.
 
-    summary = run_output_inference(cfg, step_dir, "data/val_out.jsonl", "preds.jsonl")
+    summary = run_output_inference(cfg, step_dir, tokenizer, "data/val_out.jsonl", Path("preds.jsonl"), set(), rt)
     # preds.jsonl rows: {"id", "output": "image_out", "image_out_path": ".../draw-00001.png", "prompt", "target"}
 """
 
@@ -19,7 +19,7 @@ from mimo_ray.config import Config
 from mimo_ray.data.output_source import check_outputs_enabled
 from mimo_ray.data.output_tasks import OUTPUT_KEYS, OutputChatTokenizer, read_output_rows
 from mimo_ray.data.tokenizer import ChatTokenizer, TokenizeError
-from mimo_ray.model.output_generate import build_output_prompts, split_decoded, write_output
+from mimo_ray.model.output_generate import build_output_prompts, requested_output, split_decoded, write_output
 
 log = logging.getLogger("mimo_ray")
 
@@ -31,8 +31,6 @@ def _prompt_text(row: dict[str, Any]) -> str:
 
 def _usable(tok: OutputChatTokenizer, outputs: dict[str, Any], row: dict[str, Any]) -> tuple[str, str] | None:
     """``None`` for a row that can be generated for, else ``(stage, error)``."""
-    from mimo_ray.model.output_generate import requested_output
-
     if not row.get("id"):
         return "manifest", "row has no id"
     try:
@@ -46,35 +44,27 @@ def _usable(tok: OutputChatTokenizer, outputs: dict[str, Any], row: dict[str, An
 
 
 def run_output_inference(
-    cfg: Config, step_dir: Path, state: dict[str, Any], data_path: str, output: str, runtime: Any, resume: bool
+    cfg: Config, step_dir: Path, tokenizer: ChatTokenizer, data_path: str, out: Path, done: set[str], runtime: Any
 ) -> dict[str, Any]:
-    """Generate a PNG or WAV for every row of ``data_path`` and write one JSONL row per id to ``output``.
+    """Generate a PNG or WAV for every row of ``data_path`` and append one JSONL row per id to ``out``.
 
     Args:
         cfg: the checkpoint's config with the command line's inference settings.
         step_dir: the checkpoint step directory (recorded in the summary).
-        state: its ``driver.json`` (tokenizer).
+        tokenizer: the checkpoint's chat tokenizer.
         data_path: output-task manifest.
-        output: predictions JSONL (files go to ``<output without suffix>_media/``).
+        out: predictions JSONL, prepared by the caller (files go to ``<out without suffix>_media/``).
+        done: ids already in ``out`` (``--resume``); they are skipped.
         runtime: an inference runtime with ``decode_outputs`` (fused or disaggregated).
-        resume: skip ids already in ``output``.
 
     Returns:
         Summary: counts per output, samples/s, the media folder.
     """
-    from mimo_ray.driver.infer_loop import read_done
-
     check_outputs_enabled(cfg, data_path, "--data-path")
     outputs = cfg.model.outputs.active()
-    base = ChatTokenizer.from_dict(state["tokenizer"]) if "tokenizer" in state else ChatTokenizer.from_config(cfg)
-    tok = OutputChatTokenizer(base, outputs)
-    out = Path(output)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    tok = OutputChatTokenizer(tokenizer, outputs)
     media_dir = out.with_name(out.stem + "_media")
     media_dir.mkdir(parents=True, exist_ok=True)
-    done = read_done(out) if resume else set()
-    if not resume and out.exists():
-        out.unlink()
     rows = [r for r in read_output_rows(data_path) if str(r.get("id")) not in done]
     counts: dict[str, int] = {"written": 0, "quarantined": 0, "skipped": len(done), **dict.fromkeys(outputs, 0)}
     good = []

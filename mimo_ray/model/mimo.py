@@ -83,10 +83,10 @@ class MimoRayModel(MimoModel):
         #: ``{output name: generation token id}`` (kept when the decoders run elsewhere, see ``drop_decoders``).
         self.generation_token_ids: dict[str, int] = {}
         if model_cfg is not None and model_cfg.outputs.active():
-            self.generation_token_ids = {n: o.token_id for n, o in model_cfg.outputs.active().items()}
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(part_seed(init_seed, "output_decoders"))
                 self.output_decoders = OutputDecoders(model_cfg)
+            self.generation_token_ids = self.output_decoders.token_ids
 
     def _initialize_submodules(self) -> None:
         for name, spec in self.mimo_config.modality_submodules_spec.items():

@@ -50,7 +50,7 @@ def _encoder_kwargs(cfg: Config, spec: GroupSpec, leader: bool, rank: int) -> di
     }
 
 
-def _lm_kwargs(cfg: Config, spec: GroupSpec, rank: int) -> dict[str, Any]:
+def _stage_kwargs(cfg: Config, spec: GroupSpec, rank: int) -> dict[str, Any]:
     return {"cfg": cfg, "rank": rank, "world_size": spec.num_actors, "role": spec.name}
 
 
@@ -98,10 +98,10 @@ class DisaggregatedRuntime:
             kwargs = partial(_encoder_kwargs, self.cfg, spec, i == 0)
             self.encoder_groups.append(ActorGroup(spec, EncoderStage, kwargs, tensor_transport=direct, **common))
         lm_spec = specs[-1]
-        kwargs = partial(_lm_kwargs, self.cfg, lm_spec)
+        kwargs = partial(_stage_kwargs, self.cfg, lm_spec)
         self.lm_group = ActorGroup(lm_spec, LanguageStage, kwargs, tensor_transport=direct, **common)
         if dec_spec is not None:
-            kwargs = partial(_lm_kwargs, self.cfg, dec_spec)
+            kwargs = partial(_stage_kwargs, self.cfg, dec_spec)
             self.decoder_group = ActorGroup(dec_spec, DecoderStage, kwargs, tensor_transport=direct, **common)
         wait = par.placement_timeout_s + self.timeout_s
         enc_locations = [loc for g in self.encoder_groups for loc in g.locations(wait)]

@@ -71,16 +71,15 @@ class LanguageStage(Stage):
 
     def _loss(self, tokens: dict, emb: dict) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         targets = tokens.get("output_targets")
-        args = (tokens["input_ids"], tokens["position_ids"], emb, tokens["labels"])
         if targets is None:
-            loss_BS, out_losses = self.module.forward_lm(*args), {}
-        else:
-            loss_BS, out_losses = self.module.forward_lm(*args, output_targets=targets)
-        mask_BS = tokens["loss_mask"].to(loss_BS.dtype)
-        loss_sum = (loss_BS * mask_BS).sum()
+            loss_BS = self.module.forward_lm(tokens["input_ids"], tokens["position_ids"], emb, tokens["labels"])
+            mask_BS = tokens["loss_mask"].to(loss_BS.dtype)
+            return (loss_BS * mask_BS).sum(), mask_BS.sum(), {}
+        loss_sum, num_tokens, rows = self._text_and_rows(tokens, emb)
+        out_losses = self.module.output_decoders.loss_sums(rows, targets)
         for value in out_losses.values():
             loss_sum = loss_sum + value  # decoder losses share the text loss's global token normalisation
-        return loss_sum, mask_BS.sum(), out_losses
+        return loss_sum, num_tokens, out_losses
 
     @stage_call
     def forward_backward(self, key: Any, num_groups: int, *payloads: Any, return_grads: bool = True) -> list[Any]:
