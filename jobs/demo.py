@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--num-samples", type=int, default=400, help="synthetic clips (20%% go to val)")
     ap.add_argument("--steps", type=int, default=800, help="optimizer steps")
     ap.add_argument("--runtime", default="disaggregated", choices=["disaggregated", "fused"])
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="seeds the data set, the weights and the sample order")
     args, extra = ap.parse_known_args(argv)
     from jobs import infer as infer_job
     from jobs import train as train_job
@@ -73,6 +73,7 @@ def main(argv: list[str] | None = None) -> dict:
             "--data-path", str(data / "train.jsonl"), "--val-path", str(data / "val.jsonl"),
             "--max-steps", str(args.steps), "--output-dir", str(out / "run"),
             "--lr", "3e-3", "train.min_lr=3e-4", "train.warmup_steps=20",
+            f"train.seed={1234 + args.seed}", f"data.seed={1234 + args.seed}",
             f"train.ckpt_interval={max(args.steps // 4, 1)}", f"train.eval_interval={max(args.steps // 4, 1)}",
             *extra,
         ]

@@ -10,6 +10,8 @@ import sys
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
+sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/: the tolerances module
+
 import ray  # noqa: E402
 import torch  # noqa: E402
 from conftest import compare_runtimes  # noqa: E402  (this directory is sys.path[0] when run as a script)

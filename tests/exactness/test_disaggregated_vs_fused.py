@@ -32,3 +32,4 @@ def test_step_matches_fused(ray_local, megatron_world, compare, report, case):
     assert diffs["grads1"] <= tol, f"worst parameter gradient differs by {diffs['grads1']:.3g} relative"
     assert diffs["loss_traj"] <= 1e-6, f"5-step loss trajectories differ by {diffs['loss_traj']:.3g} relative"
     assert diffs["eval"] <= tol
+    assert diffs["params_end"] <= 1, f"parameters after 5 AdamW steps exceed the bound ({diffs['params_end']:.3g}x)"

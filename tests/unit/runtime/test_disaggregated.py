@@ -5,6 +5,7 @@ import time
 import pytest
 import ray
 import torch
+from tolerances import LOSS_RTOL, params_ratio
 
 from mimo_ray.config import load_config
 from mimo_ray.model.inputs import random_batch
@@ -21,9 +22,16 @@ def runtimes(ray_local, megatron_world, small_cfg, small_overrides):
     fused.close()
 
 
-def _same_params(a, b):
-    pa, pb = a.named_parameters_full(), b.named_parameters_full()
-    return set(pa) == set(pb) and all(torch.equal(pa[k], pb[k]) for k in pa)
+def _same_result(a, b):
+    """Loss and grad norm within C3's tolerance (two processes: the last bits may differ by CPU model)."""
+    return a["num_tokens"] == b["num_tokens"] and [a["loss"], a["grad_norm"]] == pytest.approx(
+        [b["loss"], b["grad_norm"]], rel=LOSS_RTOL
+    )
+
+
+def _same_params(a, b, steps):
+    """Parameters within the AdamW absolute-plus-relative bound after ``steps`` steps at lr 1e-3."""
+    return params_ratio(a.named_parameters_full(), b.named_parameters_full(), lr=1e-3, steps=steps) <= 1
 
 
 def test_actors_are_named_and_placed(runtimes):
@@ -44,8 +52,8 @@ def test_streams_pulled_by_encoder_actors_match_fused(runtimes, small_cfg):
     dis.set_data_iterators([ListStream(batches)])
     for _ in range(2):
         a, b = fused.train_step(None, 1e-3), dis.train_step(None, 1e-3)
-        assert a["loss"] == b["loss"] and a["num_tokens"] == b["num_tokens"] and a["grad_norm"] == b["grad_norm"]
-    assert _same_params(fused, dis)
+        assert _same_result(a, b)
+    assert _same_params(fused, dis, steps=2)
     with pytest.raises(RuntimeError, match=r"\[encoder-shared/0\].*exhausted"):
         dis.train_step(None, 1e-3)
     with pytest.raises(TypeError, match="generator object"):
@@ -67,11 +75,12 @@ def test_checkpoint_resume_is_exact(runtimes, microbatches, tmp_path):
     first = dis.train_step(microbatches, 1e-3)
     dis.load_checkpoint(str(tmp_path / "dis"))
     again = dis.train_step(microbatches, 1e-3)
+    # Same process, same kernels, same order: the resumed step repeats the first one bit for bit.
     assert again["loss"] == first["loss"] and again["grad_norm"] == first["grad_norm"]
     fused.load_checkpoint(str(tmp_path / "fused"))
     ref = fused.train_step(microbatches, 1e-3)
-    assert ref["loss"] == again["loss"]
-    assert _same_params(fused, dis)
+    assert _same_result(again, ref)
+    assert _same_params(fused, dis, steps=3)
 
 
 def test_bad_batch_raises_with_stage_and_rank_then_recovers(runtimes, microbatches):
@@ -82,8 +91,8 @@ def test_bad_batch_raises_with_stage_and_rank_then_recovers(runtimes, microbatch
     with pytest.raises(ValueError, match=r"\[encoder-shared/0\].*'video': 33 placeholder tokens in input_ids but 32"):
         dis.train_step(bad, 1e-3)
     a, b = fused.train_step(microbatches, 1e-3), dis.train_step(microbatches, 1e-3)  # partial step was dropped
-    assert a["loss"] == b["loss"] and a["grad_norm"] == b["grad_norm"]
-    assert dis.eval_step(microbatches)["loss"] == fused.eval_step(microbatches)["loss"]
+    assert _same_result(a, b)
+    assert dis.eval_step(microbatches)["loss"] == pytest.approx(fused.eval_step(microbatches)["loss"], rel=LOSS_RTOL)
 
 
 def test_step_timeout_raises(runtimes, microbatches):

@@ -1,9 +1,10 @@
-"""Stages driven in-process (no Ray): the split is bit-identical to the fused model, errors carry [stage/rank]."""
+"""Stages driven in-process (no Ray): the split equals the fused model (C3 tolerances), errors carry [stage/rank]."""
 
 import itertools
 
 import pytest
 import torch
+from tolerances import GRAD_RTOL, LOSS_RTOL, max_rel, params_ratio
 
 from mimo_ray.config import load_config
 from mimo_ray.data.random_stream import RandomBatchStream
@@ -36,22 +37,25 @@ def _split_step(enc, lm, batches, lr, clip):
     return stats, [s.optimizer_step(lr, clip, *sq) for s in (enc, lm)]
 
 
-def test_split_stages_match_fused_bitwise(stages, cfg):
+def test_split_stages_match_fused(stages, cfg):
+    # The split runs the encoders on fan-out pieces (other GEMM shapes), so the last bits may differ by CPU model.
     fused, enc, lm = stages
     for step in range(2):
         batches = [random_batch(cfg, 3, seed=10 * step + i) for i in range(2)]
         ref_stats = [fused.forward_backward(b) for b in batches]
         ref = fused.optimizer_step(1e-3, 0.5, fused.reduce_grads(*ref_stats))
         stats, outs = _split_step(enc, lm, batches, 1e-3, 0.5)
-        assert stats == ref_stats
-        assert outs[0] == outs[1] == ref and ref["clip_coef"] < 1  # the clip is active and identical
+        assert [s["num_tokens"] for s in stats] == [s["num_tokens"] for s in ref_stats]
+        assert [s["loss_sum"] for s in stats] == pytest.approx([s["loss_sum"] for s in ref_stats], rel=LOSS_RTOL)
+        assert ref["clip_coef"] < 1  # the clip is active and the same in every group
+        for out in outs:
+            assert set(out) == set(ref)
+            assert out == pytest.approx(ref, rel=LOSS_RTOL)
         ref_grads, grads = fused.full_grads(), {**enc.full_grads(), **lm.full_grads()}
         assert set(grads) == {n for n, _ in fused.module.named_parameters()}
-        for name, grad in ref_grads.items():
-            assert torch.equal(grads[name], grad), name
+        assert max_rel(grads, ref_grads) <= GRAD_RTOL
     params = {**enc.full_parameters(), **lm.full_parameters()}
-    for name, value in fused.full_parameters().items():
-        assert torch.equal(params[name], value), name
+    assert params_ratio(params, fused.full_parameters(), lr=1e-3, steps=2) <= 1
 
 
 def test_lm_regroups_pieces_with_non_uniform_rows(stages, cfg):
