@@ -20,12 +20,12 @@ log = logging.getLogger("mimo_ray")
 # Fields (or ``section.`` prefixes) a resumed run may change. Each leaves the checkpoint's tensors loadable and the
 # order of the training samples unchanged.
 SAFE_ON_RESUME: tuple[str, ...] = (
-    # how long and how fast: the schedule is a function of the step, re-read every step
+    # how long and how fast: the lr schedule and the clip norm are read from the config every step (AdamW's betas
+    # and weight decay are not: the optimizer state loaded from the checkpoint restores them, so they are refused)
     "train.max_steps",
     "train.lr",
     "train.min_lr",
     "train.warmup_steps",
-    "train.weight_decay",
     "train.grad_clip",
     # checkpoints, evaluation, recovery, where the run lives and how it was started
     "train.ckpt_interval",
@@ -41,13 +41,17 @@ SAFE_ON_RESUME: tuple[str, ...] = (
     "data.decode_timeout_s",
     "data.decode_retries",
     "data.max_bad_fraction",
-    # placement and performance knobs that change no tensor (layout sizes stay refused)
+    # placement and performance knobs that change no tensor's meaning (layout sizes and devices stay refused);
+    # torch_num_threads may change floats in the last bits, as resuming on another CPU does
     "parallel.cpus_per_actor",
+    "parallel.gpus_per_actor",
     "parallel.placement_timeout_s",
     "parallel.encoder_resources",
     "parallel.lm_resources",
     "parallel.decoder_resources",
     "parallel.prefetch_microbatches",
+    "parallel.transport",
+    "parallel.torch_num_threads",
     "model.recompute",
     # sections a training run does not read, and the preset label (its fields are compared one by one)
     "infer.",

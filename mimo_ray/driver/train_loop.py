@@ -4,7 +4,9 @@
         summary = loop.run()
 
 Recovery (DESIGN.md C7): a dead actor, a failed transfer or a step timeout tears every group down, rebuilds
-them, loads ``latest`` and continues, at most ``train.max_failures`` times.
+them, loads this run's newest checkpoint and continues, at most ``train.max_failures`` times; with none it restarts
+from step 0 and says so (``summary["recoveries"]``). Run safety (C12, ``run_dir.py``): a run has a ``run_id``;
+it never lands on, prunes or loads another run's checkpoints.
 """
 
 from __future__ import annotations
@@ -276,9 +278,8 @@ class TrainLoop:
             if cfg.train.ckpt_interval and self.step % cfg.train.ckpt_interval == 0:
                 last_ckpt = self.save_checkpoint()
         bar.close()
-        if last_ckpt is None or ckpt.latest(self.ckpt_dir, self.run_id, any_run=False) != ckpt.step_dir(
-            self.ckpt_dir, self.step
-        ):
+        newest = ckpt.latest(self.ckpt_dir, self.run_id, any_run=False)
+        if last_ckpt is None or newest != ckpt.step_dir(self.ckpt_dir, self.step):
             last_ckpt = self.save_checkpoint()
         return self._summary(time.perf_counter() - t0, tokens_total, last_ckpt)
 

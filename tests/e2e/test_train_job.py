@@ -132,3 +132,34 @@ def test_fresh_run_over_another_runs_checkpoints_fails_before_ray(tmp_path, monk
     assert err.value.code.startswith(f"error: cannot resume from {old}: the config differs in fields that change")
     assert "model.lm.num_layers 2 -> 3;" in err.value.code and "\n" not in err.value.code
     assert sorted(p.name for p in old.iterdir()) == ["COMPLETE", "driver.json"]  # untouched
+
+
+def test_recovery_without_checkpoints_replays_from_step_0(straight, tmp_path):
+    """ckpt_interval 0: a failure restarts from the seeded initial weights and data position 0, which reproduces the
+    straight run exactly (so no step-0 anchor checkpoint is needed), and the summary says so."""
+    from mimo_ray.runtime import build_runtime
+
+    out, _ = straight
+    fired = []
+
+    def factory(cfg):
+        runtime = build_runtime(cfg)
+        step = runtime.train_step
+
+        def flaky(micro, lr):
+            if len(fired) == 0 and runtime.calls == 3:
+                fired.append(True)
+                raise TimeoutError("step timed out")
+            runtime.calls += 1
+            return step(micro, lr)
+
+        runtime.calls = 0
+        runtime.train_step = flaky
+        return runtime
+
+    cfg = load_config("tiny", ["--runtime", "fused", "--max-steps", str(STEPS), "--output-dir", str(tmp_path)])
+    with TrainLoop(cfg, factory) as loop:
+        summary = loop.run()
+    assert [(r["step"], r["resumed_from"], r["resumed_step"]) for r in summary["recoveries"]] == [(3, None, 0)]
+    assert "restarted from step 0 with the initial weights" in summary["recoveries"][0]["note"]
+    assert _losses(tmp_path) == pytest.approx(_losses(out), rel=1e-6, abs=0)

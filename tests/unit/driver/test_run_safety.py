@@ -185,6 +185,7 @@ def test_resume_refuses_an_incompatible_config_naming_the_fields(tmp_path):
     assert msg.startswith(f"cannot resume from {tmp_path / 'checkpoints' / 'step_0000002'}: the config differs")
     assert "data.seed 1234 -> 7, model.lm.num_layers 2 -> 3;" in msg
     assert not is_safe("data.global_batch_size") and not is_safe("parallel.lm_tp") and not is_safe("train.seed")
+    assert not is_safe("train.weight_decay")  # restored from the optimizer state: a change would be ignored
     assert is_safe("train.max_steps") and is_safe("infer.batch_size") and is_safe("cluster.num_cpus")
 
 
