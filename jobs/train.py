@@ -4,6 +4,7 @@ Local (embedded Ray, CPU):  python jobs/train.py --preset tiny --max-steps 20 --
 Fused reference:            python jobs/train.py --preset tiny --runtime fused --max-steps 20
 Real data:                  python jobs/train.py --preset tiny --data-path data/syn/train.jsonl --val-path ...
 Resume:                     python jobs/train.py ... --output-dir runs/tiny --resume
+Start over in a used dir:   python jobs/train.py ... --output-dir runs/tiny --overwrite   (deletes its checkpoints)
 Cluster:                    ray job submit --working-dir . -- python jobs/train.py --preset bench-s ...
 """
 
@@ -27,6 +28,18 @@ def check_paths(cfg: Config) -> None:
             raise SystemExit(f"error: {flag} {path!r} does not exist")
 
 
+def check_run_dir(cfg: Config) -> None:
+    """Fail before Ray or any actor starts when the output directory holds another run's checkpoints (without
+    ``--resume``/``--overwrite``) or when ``--resume`` meets an incompatible config, in one line.
+    """
+    from mimo_ray.driver.run_dir import check_output_dir
+
+    try:
+        check_output_dir(cfg)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
+
+
 def ensure_ray(cfg: Config) -> None:
     """Attach to a cluster (RAY_ADDRESS / cluster.address) or start an embedded local Ray."""
     import ray
@@ -44,6 +57,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(json.dumps(config_to_dict(cfg), indent=1))
         return {}
     check_paths(cfg)
+    check_run_dir(cfg)
     log.info("config: %s", json.dumps(config_to_dict(cfg), sort_keys=True))
     if cfg.train.runtime == "disaggregated" or cfg.data.data_path:
         ensure_ray(cfg)

@@ -387,9 +387,14 @@ class TrainConfig:
     seed: int = 1234
     output_dir: str = "runs/default"
     ckpt_interval: int = 0
+    # Checkpoints of this run kept on disk, newest by step (0: all); another run's are never touched.
+    keep_checkpoints: int = 3
     eval_interval: int = 0
     eval_batches: int = 4
+    # Continue the run whose checkpoints are in output_dir (its run id, data position and a compatible config).
     resume: bool = False
+    # Start afresh in an output_dir that holds another run's checkpoints, deleting them.
+    overwrite: bool = False
     max_failures: int = 2
     step_timeout_s: float = 300.0
 
@@ -397,7 +402,9 @@ class TrainConfig:
         _check_choice("train.runtime", self.runtime, ("disaggregated", "fused"))
         _check_positive(self, "max_steps", "lr", "step_timeout_s")
         _check_positive(self, "min_lr", "warmup_steps", "weight_decay", "grad_clip", allow_zero=True)
-        _check_positive(self, "ckpt_interval", "eval_interval", "max_failures", allow_zero=True)
+        _check_positive(self, "ckpt_interval", "keep_checkpoints", "eval_interval", "max_failures", allow_zero=True)
+        if self.resume and self.overwrite:
+            raise ValueError("train.resume and train.overwrite exclude each other; pass --resume or --overwrite")
 
 
 @dataclass
@@ -509,7 +516,7 @@ FLAG_ALIASES: dict[str, str] = {
     "--checkpoint": "infer.checkpoint",
     "--output": "infer.output",
 }
-BOOL_FLAGS: dict[str, str] = {"--resume": "train.resume"}
+BOOL_FLAGS: dict[str, str] = {"--resume": "train.resume", "--overwrite": "train.overwrite"}
 
 
 def _field_type(cls: type, name: str) -> Any:

@@ -1,8 +1,11 @@
 """Batched inference over an output-task manifest: prompts forced to end in the K generation tokens of the requested
 output → LM group + output decoders → one PNG / WAV per row under ``<output stem>_media/``, referenced from the JSONL.
+File names are the sanitised id plus a hash of the full id (:func:`~mimo_ray.model.output_generate.output_file_name`),
+so ids never collide or escape the media folder.
 
     summary = run_output_inference(cfg, step_dir, tokenizer, "data/val_out.jsonl", Path("preds.jsonl"), set(), rt)
-    # preds.jsonl rows: {"id", "output": "image_out", "image_out_path": ".../draw-00001.png", "prompt", "target"}
+    # preds.jsonl rows: {"id": "draw-00001", "output": "image_out", "file": "preds_media/draw-00001-1c0f….png",
+    #                    "image_out_path": ".../preds_media/draw-00001-1c0f….png", "prompt", "target"}
 """
 
 from __future__ import annotations
@@ -86,9 +89,10 @@ def run_output_inference(
             results = runtime.decode_outputs(ids.numpy() for _, ids in prompts)
             for chunk, (names, _), decoded in zip(chunks, prompts, results, strict=True):
                 for row, name, value in zip(chunk, names, split_decoded(names, decoded), strict=True):
-                    path = write_output(name, value, media_dir / str(row["id"]), outputs[name])
+                    path = write_output(name, value, media_dir, str(row["id"]), outputs[name])
                     target = next((row[k] for k in OUTPUT_KEYS if row.get(k)), None)
                     rec = {"id": str(row["id"]), "output": name, f"{name}_path": str(path),
+                           "file": f"{media_dir.name}/{path.name}",  # relative to the JSONL's folder
                            "prompt": _prompt_text(row), "target": target}  # fmt: skip
                     fh.write(json.dumps(rec) + "\n")
                     counts["written"] += 1

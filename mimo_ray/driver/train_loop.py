@@ -4,7 +4,9 @@
         summary = loop.run()
 
 Recovery (DESIGN.md C7): a dead actor, a failed transfer or a step timeout tears every group down, rebuilds
-them, loads ``latest`` and continues, at most ``train.max_failures`` times.
+them, loads this run's newest checkpoint and continues, at most ``train.max_failures`` times; with none it restarts
+from step 0 and says so (``summary["recoveries"]``). Run safety (C12, ``run_dir.py``): a run has a ``run_id``;
+it never lands on, prunes or loads another run's checkpoints.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from tqdm.auto import tqdm
 
 from mimo_ray.config import Config, config_to_dict, save_config
 from mimo_ray.driver import checkpoint as ckpt
+from mimo_ray.driver import run_dir
 from mimo_ray.driver.data_sources import build_data_source
 from mimo_ray.driver.schedule import lr_at
 from mimo_ray.observability import MetricsWriter, plot_metrics
@@ -77,7 +80,12 @@ class TrainLoop:
         self.runtime: Any = None
         self.data: Any = None
         self.step = 0
+        self.samples = 0  # training samples consumed (the data position a checkpoint records)
+        self.run_id: str | None = None  # set at the first start: new, or the resumed checkpoint's
+        self.resumed_from: Path | None = None
+        self.config_changes: dict[str, tuple[Any, Any]] = {}
         self.failures: list[str] = []
+        self.recoveries: list[dict[str, Any]] = []
         self._eval_cache: list[list[Any]] | None = None
         self.metrics = MetricsWriter(self.out)
 
@@ -105,53 +113,89 @@ class TrainLoop:
         self.metrics.close()
 
     # ---------------------------------------------------------------- set-up / resume
-    def _start(self, resume: bool) -> None:
-        """Build the runtime and data source, from ``latest`` when resuming."""
+    def _resume_point(self) -> Path | None:
+        """The checkpoint to load: at the first start any run's ``latest`` (``--resume`` continues what the directory
+        holds); at a recovery only this run's newest, else the checkpoint this process resumed from.
+        """
+        if self.run_id is None:
+            return ckpt.latest(self.ckpt_dir)
+        found = ckpt.latest(self.ckpt_dir, self.run_id, any_run=False)
+        if found is None and self.resumed_from is not None and ckpt.is_complete(self.resumed_from):
+            return self.resumed_from  # a checkpoint written before run ids existed, which this run continues
+        return found
+
+    def _start(self, resume: bool) -> Path | None:
+        """Build the runtime and data source, from this run's newest checkpoint when resuming.
+
+        Returns:
+            The checkpoint loaded, or ``None`` (a start from step 0).
+        """
+        ckpt.remove_stale_tmp(self.ckpt_dir)
+        found = self._resume_point() if resume else None
+        state = ckpt.driver_state(found) if found is not None else None
+        if self.run_id is None:  # first start: a resume adopts the checkpoint's run id, so its lineage continues
+            self.run_id = (state or {}).get("run_id") or run_dir.new_run_id()
+            self.resumed_from = found
+            run_dir.write_run_file(self.out, self.run_id, str(found) if found else None)
+            log.info("run %s %s", self.run_id, f"resumed from {found}" if found else "started from step 0")
         self.runtime = self.runtime_factory(self.cfg)
-        found = ckpt.latest(self.ckpt_dir) if resume else None
-        self.step = 0
+        self.step = int(state["step"]) if state else 0
+        self.samples = run_dir.start_sample(state, self.cfg)
         if found is not None:
-            state = ckpt.read_driver_state(found)
+            ckpt.restore_driver_rng(found)
             self.runtime.load_checkpoint(str(found))
-            self.step = int(state["step"])
-            log.info("resumed from %s (step %d)", found, self.step)
+            log.info("resumed from %s (step %d, %d samples consumed)", found, self.step, self.samples)
         self.metrics.truncate_after(self.step)
         if self.cfg.train.eval_interval and self.cfg.data.val_path:
             # Decode the val batches before the train streams hold the decode workers: a second Ray Data
             # pipeline started later would wait for CPUs the first one keeps (a silent starvation, NOTES §3).
             self._eval_batches()
-        self.data = build_data_source(self.cfg, "train", start_sample=self.step * self.cfg.data.global_batch_size)
+        self.data = build_data_source(self.cfg, "train", start_sample=self.samples)
         if self.cfg.train.runtime == "disaggregated":
             self.runtime.set_data_iterators(self.data.rank_streams(self.cfg.parallel.encoder_dp))
+        return found
 
     def _recover(self, err: BaseException) -> None:
-        self.failures.append(f"step {self.step}: {type(err).__name__}: {err}")
+        failed_at = self.step
+        self.failures.append(f"step {failed_at}: {type(err).__name__}: {err}")
         if len(self.failures) > self.cfg.train.max_failures:
             raise RuntimeError(
                 f"giving up after {len(self.failures) - 1} recoveries (train.max_failures="
-                f"{self.cfg.train.max_failures}); last failure at step {self.step}: {err}"
+                f"{self.cfg.train.max_failures}); last failure at step {failed_at}: {err}"
             ) from err
-        log.warning("step %d failed (%s: %s); rebuilding all groups from latest", self.step, type(err).__name__, err)
+        log.warning("step %d failed (%s: %s); rebuilding all groups from latest", failed_at, type(err).__name__, err)
         if self.runtime is not None:
             self.runtime.close()
+            self.runtime = None
         if self.data is not None:
             self.data.close()
-        self._start(resume=True)
+            self.data = None
+        found = self._start(resume=True)
+        record = {"step": failed_at, "error": f"{type(err).__name__}: {err}",
+                  "resumed_from": str(found) if found else None, "resumed_step": self.step}  # fmt: skip
+        if found is None:
+            record["note"] = (
+                f"no checkpoint of run {self.run_id} in {self.ckpt_dir} (train.ckpt_interval="
+                f"{self.cfg.train.ckpt_interval}): restarted from step 0 with the initial weights"
+            )
+            log.warning("recovery at step %d: %s", failed_at, record["note"])
+        self.recoveries.append(record)
 
     # ---------------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> Path:
-        """Write ``checkpoints/step_<N>`` atomically and point ``latest`` at it."""
+        """Write ``checkpoints/step_<N>`` atomically and durably, point ``latest`` at it, prune this run's oldest."""
         tmp = ckpt.begin(self.ckpt_dir, self.step)
         self.runtime.save_checkpoint(str(tmp))
         state = {
             "step": self.step,
-            "samples_consumed": self.step * self.cfg.data.global_batch_size,
+            "run_id": self.run_id,
+            "samples_consumed": self.samples,
             "config": config_to_dict(self.cfg),
         }
         state.update(checkpoint_extras(self.cfg, self.data))
         ckpt.write_driver_state(tmp, state)
         save_config(self.cfg, tmp / "config.yaml")
-        return ckpt.commit(self.ckpt_dir, tmp, self.step)
+        return ckpt.commit(self.ckpt_dir, tmp, self.step, keep=self.cfg.train.keep_checkpoints, run_id=self.run_id)
 
     # ---------------------------------------------------------------- the loop
     def _train_step(self) -> dict[str, Any]:
@@ -192,6 +236,7 @@ class TrainLoop:
     def run(self) -> dict[str, Any]:
         """Train to ``train.max_steps``; returns the summary (also written to ``summary.json``)."""
         cfg = self.cfg
+        self.config_changes = run_dir.prepare_output_dir(cfg)  # refuses another run's checkpoints before any actor
         self.out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, self.out / "config.yaml")
         self._start(resume=cfg.train.resume)
@@ -211,6 +256,7 @@ class TrainLoop:
                 bar.n = self.step
                 continue
             self.step += 1
+            self.samples += cfg.data.global_batch_size
             tokens_total += int(result["num_tokens"])
             record = {
                 "step": self.step,
@@ -232,7 +278,8 @@ class TrainLoop:
             if cfg.train.ckpt_interval and self.step % cfg.train.ckpt_interval == 0:
                 last_ckpt = self.save_checkpoint()
         bar.close()
-        if last_ckpt is None or ckpt.latest(self.ckpt_dir) != ckpt.step_dir(self.ckpt_dir, self.step):
+        newest = ckpt.latest(self.ckpt_dir, self.run_id, any_run=False)
+        if last_ckpt is None or newest != ckpt.step_dir(self.ckpt_dir, self.step):
             last_ckpt = self.save_checkpoint()
         return self._summary(time.perf_counter() - t0, tokens_total, last_ckpt)
 
@@ -243,12 +290,16 @@ class TrainLoop:
         plot = plot_metrics(self.metrics.path, self.out / "metrics.png") if records else None
         summary = {
             "steps": self.step,
-            "samples": self.step * self.cfg.data.global_batch_size,
+            "samples": self.samples,
             "final_loss": records[-1]["loss"] if records else None,
             "tokens_per_s": tokens / max(wall_s, 1e-9),
             "wall_s": wall_s,
             "quarantined": int(getattr(self.data, "quarantined", 0)),
             "failures": self.failures,
+            "recoveries": self.recoveries,
+            "run_id": self.run_id,
+            "resumed_from": str(self.resumed_from) if self.resumed_from else None,
+            "config_changes": {k: [old, new] for k, (old, new) in self.config_changes.items()},
             "checkpoint": str(last_ckpt),
             "plot": str(plot) if plot else None,
             "runtime": self.cfg.train.runtime,

@@ -101,3 +101,65 @@ def test_bad_flag_and_missing_path_fail_before_actors(tmp_path, capsys):
     with pytest.raises(SystemExit, match=r"--data-path '.*missing.jsonl' does not exist"):
         train_job.main(["--data-path", str(tmp_path / "missing.jsonl")])
     torch.manual_seed(0)
+
+
+def test_fresh_run_over_another_runs_checkpoints_fails_before_ray(tmp_path, monkeypatch):
+    import ray
+
+    from mimo_ray.config import config_to_dict
+
+    old = tmp_path / "checkpoints" / "step_0000800"
+    old.mkdir(parents=True)
+    (old / "COMPLETE").write_text("ok\n")
+    stored = config_to_dict(load_config("tiny", ["--output-dir", str(tmp_path)]))
+    (old / "driver.json").write_text(json.dumps({"step": 800, "run_id": "old", "config": stored}))
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("Ray or an actor group was started")
+
+    monkeypatch.setattr(ray, "init", forbidden)
+    monkeypatch.setattr(train_job, "ensure_ray", forbidden)
+    monkeypatch.setattr(TrainLoop, "build", forbidden)
+    with pytest.raises(SystemExit) as err:
+        train_job.main(["--preset", "tiny", "--output-dir", str(tmp_path), "--max-steps", "2"])
+    assert err.value.code == (
+        f"error: --output-dir {str(tmp_path)!r} already holds checkpoints of another run (step_0000800 in "
+        f"{tmp_path / 'checkpoints'}); pass --resume to continue that run, or choose a new --output-dir "
+        "(--overwrite discards them)"
+    )
+    with pytest.raises(SystemExit) as err:  # a resume whose model differs from the checkpoint's
+        train_job.main(["--preset", "tiny", "--output-dir", str(tmp_path), "--resume", "--num-layers", "3"])
+    assert err.value.code.startswith(f"error: cannot resume from {old}: the config differs in fields that change")
+    assert "model.lm.num_layers 2 -> 3;" in err.value.code and "\n" not in err.value.code
+    assert sorted(p.name for p in old.iterdir()) == ["COMPLETE", "driver.json"]  # untouched
+
+
+def test_recovery_without_checkpoints_replays_from_step_0(straight, tmp_path):
+    """ckpt_interval 0: a failure restarts from the seeded initial weights and data position 0, which reproduces the
+    straight run exactly (so no step-0 anchor checkpoint is needed), and the summary says so."""
+    from mimo_ray.runtime import build_runtime
+
+    out, _ = straight
+    fired = []
+
+    def factory(cfg):
+        runtime = build_runtime(cfg)
+        step = runtime.train_step
+
+        def flaky(micro, lr):
+            if len(fired) == 0 and runtime.calls == 3:
+                fired.append(True)
+                raise TimeoutError("step timed out")
+            runtime.calls += 1
+            return step(micro, lr)
+
+        runtime.calls = 0
+        runtime.train_step = flaky
+        return runtime
+
+    cfg = load_config("tiny", ["--runtime", "fused", "--max-steps", str(STEPS), "--output-dir", str(tmp_path)])
+    with TrainLoop(cfg, factory) as loop:
+        summary = loop.run()
+    assert [(r["step"], r["resumed_from"], r["resumed_step"]) for r in summary["recoveries"]] == [(3, None, 0)]
+    assert "restarted from step 0 with the initial weights" in summary["recoveries"][0]["note"]
+    assert _losses(tmp_path) == pytest.approx(_losses(out), rel=1e-6, abs=0)
