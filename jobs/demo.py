@@ -72,6 +72,7 @@ def main(argv: list[str] | None = None) -> dict:
             "--preset", "tiny", "--runtime", args.runtime,
             "--data-path", str(data / "train.jsonl"), "--val-path", str(data / "val.jsonl"),
             "--max-steps", str(args.steps), "--output-dir", str(out / "run"),
+            "--overwrite",  # the demo owns <out>/run: every demo run trains from scratch
             "--lr", "3e-3", "train.min_lr=3e-4", "train.warmup_steps=20",
             f"train.seed={1234 + args.seed}", f"data.seed={1234 + args.seed}",
             f"train.ckpt_interval={max(args.steps // 4, 1)}", f"train.eval_interval={max(args.steps // 4, 1)}",
