@@ -36,6 +36,7 @@ def ray_local():
 
     if not ray.is_initialized():
         ray.init(
+            address="local",  # never attach to another user's `ray start` cluster on this host
             num_cpus=4,
             include_dashboard=False,
             object_store_memory=256 * 1024 * 1024,
