@@ -393,8 +393,10 @@ class TrainConfig:
     max_failures: int = 2
     step_timeout_s: float = 300.0
     # fp16 only (model.params_dtype=fp16): "dynamic" loss scaling (Megatron's rules) is required; bf16/fp32 ignore it.
+    # The loss is a per-token *sum* (weight gradients already carry a factor of ~tokens per micro-batch), so the
+    # scale starts small; overflowing steps are skipped and halve it, 1000 clean steps double it.
     loss_scaling: str = "dynamic"
-    initial_loss_scale: float = 65536.0
+    initial_loss_scale: float = 16.0
     loss_scale_window: int = 1000
 
     def __post_init__(self) -> None:

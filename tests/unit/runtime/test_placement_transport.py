@@ -53,7 +53,7 @@ def test_choose_transport():
     forced = load_config("tiny", ["parallel.use_gpu=true", "parallel.transport=object_store"]).parallel
     assert choose_transport(forced, [a0], [a1]) == "object_store"
     ipc = load_config("tiny", ["parallel.use_gpu=true", "parallel.transport=cuda_ipc"]).parallel
-    with pytest.raises(ValueError, match="parallel.transport='cuda_ipc' needs the encoder, LM and decoder actors on one"):
+    with pytest.raises(ValueError, match="transport='cuda_ipc' needs the encoder, LM and decoder actors on one GPU"):
         choose_transport(ipc, [a0], [a1])
     # The decoder group takes part: on another GPU it turns CUDA IPC into NCCL (or an error when IPC is forced).
     assert choose_transport(gpu, [a0], [a0], [a0]) == "cuda_ipc"
