@@ -83,6 +83,9 @@ class Stage:
         name_prefix: prefix that maps this stage's parameter names onto the fused model's.
     """
 
+    #: Whether the stage trains: inference stages set ``False`` and get no optimizer (no fp32 master copies).
+    trains = True
+
     def __init__(self, cfg: Config, *, role: str, rank: int, world_size: int, tp: int = 1, name_prefix: str = ""):
         self.cfg = cfg
         self.role = role
@@ -136,7 +139,7 @@ class Stage:
         # An encoder group with no input modality (output tasks only) has no parameters, hence no optimizer: it still
         # reads the data stream and routes the tokens and targets to the LM group.
         params = list(self.module.parameters())
-        self.optimizer = MixedPrecisionOptimizer(params, self.cfg.train) if params else None
+        self.optimizer = MixedPrecisionOptimizer(params, self.cfg.train) if params and self.trains else None
         num = sum(p.numel() for p in self.module.parameters())
         return {"rank": self.rank, "dp_rank": self.dp_rank, "tp_rank": self.tp_rank, "num_params": num}
 
