@@ -19,6 +19,8 @@ CASES = {
     "two_modalities": ([], EXACT),
     "lm_tp2": (["parallel.lm_tp=2"], {"loss": 1e-3, "grad_norm": 1e-2, "grads": 0.1, "params_end": None}),
     "enc_dp2_to_lm_dp1": (["parallel.encoder_dp=2"], EXACT),
+    # fp16 with dynamic loss scaling: every group scales its backward by the same scale and skips the same steps.
+    "fp16_two_modalities": (["model.params_dtype=fp16"], EXACT),
 }
 
 
@@ -26,7 +28,7 @@ CASES = {
 def test_bf16_step_matches_fused(ray_local, megatron_world, compare, report, case):
     overrides, tol = CASES[case]
     diffs = compare([*BF16, *overrides], steps=5)
-    report(f"bf16 {case}", diffs)
+    report(f"low-precision {case}", diffs)
     assert diffs["loss1"] <= tol["loss"] and diffs["eval"] <= tol["loss"]
     assert diffs["loss_traj"] <= tol["loss"], f"5-step loss trajectories differ by {diffs['loss_traj']:.3g} relative"
     assert diffs["grad_norm1"] <= tol["grad_norm"]
