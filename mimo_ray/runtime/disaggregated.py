@@ -26,7 +26,7 @@ import torch
 
 from mimo_ray.config import Config
 from mimo_ray.runtime.actor_group import ActorGroup, get
-from mimo_ray.runtime.base import Batch, check_iterators, summarize
+from mimo_ray.runtime.base import Batch, check_iterators, loss_scale_metrics, summarize
 from mimo_ray.runtime.placement import GroupSpec, decoder_spec, group_specs, wait_for_resources
 from mimo_ray.runtime.routing import StepPlan, make_plan, submission_order
 from mimo_ray.runtime.transport import OBJECT_STORE, check_transport_config, choose_transport, make_transport
@@ -251,7 +251,8 @@ class DisaggregatedRuntime:
             self._reset_after_failure()
             raise
         stats, steps = done[: len(stats_refs)], done[len(stats_refs) :]
-        return {**summarize(stats), "grad_norm": steps[0]["grad_norm"], "step_time_s": time.perf_counter() - start}
+        out = {**summarize(stats), "grad_norm": steps[0]["grad_norm"], "step_time_s": time.perf_counter() - start}
+        return {**out, **loss_scale_metrics(self.cfg, steps[0])}
 
     def _reset_after_failure(self, wait_s: float = 5.0) -> None:
         """Best effort after a failed step: live actors drop partial gradients and graphs (bounded, never raises).

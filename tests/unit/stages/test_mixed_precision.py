@@ -173,3 +173,12 @@ def test_fp16_overflow_skips_the_step_everywhere_then_trains(megatron_world):
     assert not out["skipped"] and scales[-1] < 4096.0  # backed off (after 2 overflows each) until they fit
     assert {p.dtype for p in stage.optimizer.params} == {torch.float16}
     assert not all(torch.equal(a, p) for a, p in zip(before, stage.optimizer.params, strict=True))
+
+
+def test_runtime_reports_the_loss_scale_only_for_fp16(megatron_world):
+    for dtype, want in (("fp16", {"loss_scale": 16.0, "skipped_step": 0.0}), ("bf16", {})):
+        cfg = load_config("tiny", [*SMALL, f"model.params_dtype={dtype}", "model.modalities=[video]"])
+        runtime = FusedRuntime(cfg)
+        out = runtime.train_step([random_batch(cfg, 2, seed=1 + i) for i in range(2)], lr=1e-3)
+        assert {k: out[k] for k in ("loss_scale", "skipped_step") if k in out} == want
+        runtime.close()
