@@ -52,7 +52,7 @@ def _extra(parser) -> None:  # noqa: ANN001
         "--peak-tflops",
         type=float,
         default=None,
-        help="step: MFU peak (default: 989 on an H100 with bf16, else a GEMM probe of this machine)",
+        help="step: MFU peak (default: the GPU's dense bf16 spec, H100/H200 989, A100 312; else a GEMM probe here)",
     )
     g.add_argument("--sizes-mib", default="16,64,256", help="transport: payload sizes in MiB")
     g.add_argument("--workers", type=int, default=None, help="decode: W (default data.num_decode_workers)")

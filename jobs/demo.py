@@ -3,6 +3,7 @@
 
     python jobs/demo.py                       # defaults sized for a 2-core CPU machine (~10 minutes)
     python jobs/demo.py --steps 50 --num-samples 120 --out runs/demo-small
+    python jobs/demo.py --dtype bf16          # bf16 weights/activations, fp32 main grads and master weights
 """
 
 from __future__ import annotations
@@ -57,6 +58,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--steps", type=int, default=800, help="optimizer steps")
     ap.add_argument("--runtime", default="disaggregated", choices=["disaggregated", "fused"])
     ap.add_argument("--seed", type=int, default=0, help="seeds the data set, the weights and the sample order")
+    ap.add_argument(
+        "--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="model.params_dtype (train and inference)"
+    )
     args, extra = ap.parse_known_args(argv)
     from jobs import infer as infer_job
     from jobs import train as train_job
@@ -76,7 +80,7 @@ def main(argv: list[str] | None = None) -> dict:
             "--lr", "3e-3", "train.min_lr=3e-4", "train.warmup_steps=20",
             f"train.seed={1234 + args.seed}", f"data.seed={1234 + args.seed}",
             f"train.ckpt_interval={max(args.steps // 4, 1)}", f"train.eval_interval={max(args.steps // 4, 1)}",
-            *extra,
+            f"model.params_dtype={args.dtype}", *extra,
         ]
     )
     t_train = time.perf_counter() - t0 - t_data
@@ -84,7 +88,7 @@ def main(argv: list[str] | None = None) -> dict:
     summary = infer_job.main(
         [
             "--checkpoint", str(out / "run"), "--data-path", str(data / "val.jsonl"), "--output", str(preds),
-            "--runtime", args.runtime, "--infer.max_new_tokens=12",
+            "--runtime", args.runtime, "--infer.max_new_tokens=12", f"model.params_dtype={args.dtype}",
         ]
     )
     acc = field_accuracy(preds)
@@ -97,6 +101,7 @@ def main(argv: list[str] | None = None) -> dict:
         "data_s": t_data,
         "train_s": t_train,
         "total_s": time.perf_counter() - t0,
+        "dtype": args.dtype,
     }
     (out / "demo_summary.json").write_text(json.dumps(table, indent=1))
     print("\n== demo: answer accuracy on the val split ==")

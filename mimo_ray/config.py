@@ -397,9 +397,17 @@ class TrainConfig:
     overwrite: bool = False
     max_failures: int = 2
     step_timeout_s: float = 300.0
+    # fp16 only (model.params_dtype=fp16): "dynamic" loss scaling (Megatron's rules) is required; bf16/fp32 ignore it.
+    # The loss is a per-token *sum* (weight gradients already carry a factor of ~tokens per micro-batch), so the
+    # scale starts small; overflowing steps are skipped and halve it, 1000 clean steps double it.
+    loss_scaling: str = "dynamic"
+    initial_loss_scale: float = 16.0
+    loss_scale_window: int = 1000
 
     def __post_init__(self) -> None:
         _check_choice("train.runtime", self.runtime, ("disaggregated", "fused"))
+        _check_choice("train.loss_scaling", self.loss_scaling, ("dynamic", "none"))
+        _check_positive(self, "initial_loss_scale", "loss_scale_window")
         _check_positive(self, "max_steps", "lr", "step_timeout_s")
         _check_positive(self, "min_lr", "warmup_steps", "weight_decay", "grad_clip", allow_zero=True)
         _check_positive(self, "ckpt_interval", "keep_checkpoints", "eval_interval", "max_failures", allow_zero=True)
@@ -466,6 +474,11 @@ class Config:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     def __post_init__(self) -> None:
+        if self.model.params_dtype == "fp16" and self.train.loss_scaling != "dynamic":
+            raise ValueError(
+                "model.params_dtype=fp16 needs train.loss_scaling=dynamic (fp16 gradients underflow without a loss "
+                f"scale), got train.loss_scaling={self.train.loss_scaling!r}; use model.params_dtype=bf16 instead"
+            )
         if self.model.lm.num_attention_heads % self.parallel.lm_tp:
             raise ValueError(
                 f"parallel.lm_tp={self.parallel.lm_tp} must divide model.lm.num_attention_heads="

@@ -268,6 +268,7 @@ class TrainLoop:
                 "grad_norm": float(result["grad_norm"]),
                 "lr": float(result["lr"]),
                 **{k: float(v) for k, v in result.items() if k.endswith("_loss")},  # per output decoder + text
+                **{k: float(result[k]) for k in ("loss_scale", "skipped_step") if k in result},  # fp16 only
             }
             self.metrics.write(record)
             bar.update(1)

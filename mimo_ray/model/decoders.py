@@ -92,7 +92,12 @@ class ImageDecoder(nn.Module):
 
 
 class MelSpectrogram(nn.Module):
-    """Waveform ``[N, L]`` → log-mel ``[N, n_mels, T]`` (magnitude STFT, Hann window, centred, Slaney mel)."""
+    """Waveform ``[N, L]`` → log-mel ``[N, n_mels, T]`` (magnitude STFT, Hann window, centred, Slaney mel).
+
+    Always fp32 (``keep_fp32``: the mixed-precision cast leaves it alone): it defines the targets and Griffin-Lim.
+    """
+
+    keep_fp32 = True
 
     def __init__(self, cfg: AudioOutputConfig):
         super().__init__()
@@ -128,8 +133,11 @@ def griffin_lim(
     """
     cfg = mel.cfg
     mag = torch.clamp(torch.linalg.pinv(mel.filterbank) @ torch.exp(logmel_NMT), min=0.0)  # [N, F, T]
+    # Drawn on a CPU generator (the same phase on every device, so CPU and GPU runs agree), then moved to the input's
+    # device: every later op runs where the magnitude lives.
     gen = torch.Generator().manual_seed(seed)
-    angles = torch.exp(2j * math.pi * torch.rand(mag.shape, generator=gen)).to(torch.complex64)
+    phase = torch.rand(mag.shape, generator=gen).to(mag.device)
+    angles = torch.exp(2j * math.pi * phase).to(torch.complex64)
     previous = torch.zeros_like(angles)
     wave = None
     for _ in range(num_iters):

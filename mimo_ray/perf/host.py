@@ -22,6 +22,8 @@ from mimo_ray.perf.timing import Timing, time_calls
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 #: Dense bf16/fp16 tensor-core peak of an H100 SXM (no sparsity), TFLOP/s.
 H100_DENSE_BF16_TFLOPS = 989.0
+#: Dense bf16/fp16 tensor-core peaks (no sparsity, SXM parts), TFLOP/s, by a substring of the CUDA device name.
+DENSE_BF16_SPEC_TFLOPS = {"H200": 989.0, "H100": H100_DENSE_BF16_TFLOPS, "A100": 312.0}
 
 
 def _sync(device: torch.device) -> None:
@@ -71,17 +73,35 @@ def gemm_tflops(
     return 2 * n**3 / best / 1e12
 
 
+def spec_peak_tflops(device_name: str, dtype: str) -> float | None:
+    """Dense (no sparsity) bf16/fp16 tensor-core peak of a known GPU, from its name; ``None`` when unknown.
+
+    Args:
+        device_name: ``torch.cuda.get_device_name()``, e.g. ``NVIDIA H100 80GB HBM3``.
+        dtype: ``bf16``, ``fp16`` or ``fp32`` (no spec for fp32: ``None``).
+    """
+    if dtype not in ("bf16", "fp16"):
+        return None
+    upper = device_name.upper()
+    for key, value in DENSE_BF16_SPEC_TFLOPS.items():
+        if key in upper:
+            return value
+    return None
+
+
 def default_peak_tflops(dtype: str, threads: int | None = None) -> tuple[float, str]:
     """The MFU denominator when ``--peak-tflops`` is not given.
 
     Returns:
-        ``(TFLOP/s, how it was obtained)``: 989 (H100 dense bf16/fp16 spec) on an H100 with bf16/fp16 weights,
-        otherwise a measured GEMM probe on this machine (GPU 0, or the CPU with ``threads`` threads).
+        ``(TFLOP/s, how it was obtained)``: the GPU's dense bf16/fp16 spec (:data:`DENSE_BF16_SPEC_TFLOPS`: H100 989,
+        H200 989, A100 312) with bf16/fp16 weights, otherwise a measured GEMM probe on this machine (GPU 0, or the
+        CPU with ``threads`` threads).
     """
     if torch.cuda.is_available():
         name = torch.cuda.get_device_name(0)
-        if "H100" in name and dtype in ("bf16", "fp16"):
-            return H100_DENSE_BF16_TFLOPS, f"H100 dense {dtype} spec ({name})"
+        spec = spec_peak_tflops(name, dtype)
+        if spec is not None:
+            return spec, f"dense {dtype} spec of {name}: {spec:g} TFLOP/s"
         return gemm_tflops(dtype, n=8192, device="cuda"), f"measured {dtype} 8192^3 GEMM on {name}"
     value = gemm_tflops(dtype, n=1024, repeats=10, threads=threads)
     shown = threads or torch.get_num_threads()

@@ -77,6 +77,10 @@ class RuntimeCache:
             self._runtimes[runtime] = (build_runtime(run_cfg), run_cfg)
         return self._runtimes[runtime]
 
+    def put(self, runtime: str, rt: Any, cfg: Config) -> None:
+        """Use an already built runtime (and its config) for ``runtime``; :meth:`close` closes it too."""
+        self._runtimes[runtime] = (rt, cfg)
+
     def close(self) -> None:
         """Close every runtime built so far."""
         for rt, _ in self._runtimes.values():

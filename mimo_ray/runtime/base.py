@@ -9,6 +9,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
+from mimo_ray.config import Config
+
 Batch = dict[str, Any]
 
 
@@ -81,3 +83,14 @@ def check_iterators(iterators: Iterable, expected: int | None, *, picklable: boo
                     "function that returns the iterator"
                 )
     return iterators
+
+
+def loss_scale_metrics(cfg: Config, step: dict[str, Any]) -> dict[str, float]:
+    """fp16 only: ``{"loss_scale", "skipped_step"}`` of an ``optimizer_step`` result (equal on every stage).
+
+    Returns:
+        Those two numbers, or ``{}`` in bf16/fp32 (no loss scale).
+    """
+    if cfg.model.params_dtype != "fp16":
+        return {}
+    return {"loss_scale": float(step["loss_scale"]), "skipped_step": float(step["skipped"])}

@@ -26,10 +26,10 @@ import torch
 
 from mimo_ray.config import Config
 from mimo_ray.runtime.actor_group import ActorGroup, get
-from mimo_ray.runtime.base import Batch, check_iterators, summarize
+from mimo_ray.runtime.base import Batch, check_iterators, loss_scale_metrics, summarize
 from mimo_ray.runtime.placement import GroupSpec, decoder_spec, group_specs, wait_for_resources
 from mimo_ray.runtime.routing import StepPlan, make_plan, submission_order
-from mimo_ray.runtime.transport import OBJECT_STORE, choose_transport, make_transport
+from mimo_ray.runtime.transport import OBJECT_STORE, check_transport_config, choose_transport, make_transport
 from mimo_ray.stages.decoder import DecoderStage
 from mimo_ray.stages.encoder import EncoderStage
 from mimo_ray.stages.language import LanguageStage
@@ -80,6 +80,7 @@ class DisaggregatedRuntime:
         self.lm_group: ActorGroup | None = None
         self.decoder_group: ActorGroup | None = None
         self.transport = None
+        check_transport_config(cfg)  # impossible cuda_ipc layouts, NCCL without cupy: fail before any actor starts
         specs = group_specs(cfg)
         dec_spec = decoder_spec(cfg)
         wait_for_resources([*specs, *([dec_spec] if dec_spec else [])], par.placement_timeout_s)
@@ -105,7 +106,9 @@ class DisaggregatedRuntime:
             self.decoder_group = ActorGroup(dec_spec, DecoderStage, kwargs, tensor_transport=direct, **common)
         wait = par.placement_timeout_s + self.timeout_s
         enc_locations = [loc for g in self.encoder_groups for loc in g.locations(wait)]
-        self.transport = make_transport(choose_transport(par, enc_locations, self.lm_group.locations(wait)))
+        dec_locations = self.decoder_group.locations(wait) if self.decoder_group is not None else []
+        name = choose_transport(par, enc_locations, self.lm_group.locations(wait), dec_locations)
+        self.transport = make_transport(name)
         if self.transport.needs_tensor_transport and not direct:
             raise ValueError(f"transport {self.transport.name} needs actors created with Ray Direct Transport")
         infos = get([ref for g in self.groups for ref in g.setup_async(self.transport.payload_format, wait)], wait)
@@ -177,12 +180,16 @@ class DisaggregatedRuntime:
         ``backward_rows`` (training), or LM ``forward_rows`` → decoder ``decode_eval`` (evaluation).
         """
         decoder, key = self.decoder_group.actors[0], args[0]
-        rows = [self.transport.call(a, "forward_rows", args, 2, kwargs={"train": train}) for a in actors]
+        # The rows payload (output 1) of TP rank 0 feeds the decoder group: over the direct transport on GPU.
+        rows = [
+            self.transport.call(a, "forward_rows", args, 2, direct=(1,) if tp == 0 else (), kwargs={"train": train})
+            for tp, a in enumerate(actors)
+        ]
         if not train:
             deps.setdefault(None, []).extend(refs[0] for refs in rows[1:])
             return self.transport.call(decoder, "decode_eval", (key, *rows[0]), 1)
         # Other TP ranks' forward_rows results need no watching: their backward_rows fails if the forward did.
-        parts, grad_rows = self.transport.call(decoder, "decode_backward", (key, rows[0][1]), 2)
+        parts, grad_rows = self.transport.call(decoder, "decode_backward", (key, rows[0][1]), 2, direct=(1,))
         back = (key, parts, grad_rows)
         first = self.transport.call(actors[0], "backward_rows", back, num_out, direct=range(1, num_out))
         for actor in actors[1:]:
@@ -244,7 +251,8 @@ class DisaggregatedRuntime:
             self._reset_after_failure()
             raise
         stats, steps = done[: len(stats_refs)], done[len(stats_refs) :]
-        return {**summarize(stats), "grad_norm": steps[0]["grad_norm"], "step_time_s": time.perf_counter() - start}
+        out = {**summarize(stats), "grad_norm": steps[0]["grad_norm"], "step_time_s": time.perf_counter() - start}
+        return {**out, **loss_scale_metrics(self.cfg, steps[0])}
 
     def _reset_after_failure(self, wait_s: float = 5.0) -> None:
         """Best effort after a failed step: live actors drop partial gradients and graphs (bounded, never raises).
@@ -296,15 +304,18 @@ class DisaggregatedRuntime:
         """Current parameters, TP-gathered, keyed like the fused model (tests; pulls to the driver)."""
         return self._merged("full_parameters")
 
-    def close(self) -> None:
-        """Kill every actor and remove every placement group (idempotent)."""
-        if self.transport is not None:
-            self.transport.teardown()
-            self.transport = None
+    def close(self, destroy_timeout_s: float = 10.0) -> None:
+        """Kill every actor and remove every placement group, then destroy the transport's communicator with a
+        bounded wait (idempotent). Actors go first: a step wedged in a collective would block the destroy forever.
+        """
         for group in self.groups:
             group.kill()
+        if self.transport is not None:
+            self.transport.teardown(destroy_timeout_s)
+            self.transport = None
         self.encoder_groups = []
         self.lm_group = None
+        self.decoder_group = None
 
     def __enter__(self) -> DisaggregatedRuntime:
         return self

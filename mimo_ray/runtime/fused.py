@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from mimo_ray.config import Config
-from mimo_ray.runtime.base import Batch, check_iterators, summarize
+from mimo_ray.runtime.base import Batch, check_iterators, loss_scale_metrics, summarize
 from mimo_ray.stages.fused import FusedStage
 from mimo_ray.stages.streams import random_streams
 
@@ -47,7 +47,8 @@ class FusedRuntime:
         stats = [self.stage.forward_backward(mb) for mb in batches]
         sq_norm = self.stage.reduce_grads(*stats)
         step = self.stage.optimizer_step(lr, self.cfg.train.grad_clip, sq_norm)
-        return {**summarize(stats), "grad_norm": step["grad_norm"], "step_time_s": time.perf_counter() - start}
+        out = {**summarize(stats), "grad_norm": step["grad_norm"], "step_time_s": time.perf_counter() - start}
+        return {**out, **loss_scale_metrics(self.cfg, step)}
 
     def eval_step(self, microbatches: list[Batch] | None) -> dict[str, Any]:
         """Loss over the micro-batches without gradients."""

@@ -11,21 +11,25 @@
 Direct transports move one object per call, so a stage's list of outputs is stashed in the actor and each output is
 pulled by a ``take`` call (``Stage.run_stashed`` / ``Stage.take``). GPU-only paths: exercised on GPU clusters.
 
-    name = choose_transport(cfg.parallel, encoder_locations, lm_locations)
+    check_transport_config(cfg)                      # before any actor starts: impossible layouts, missing cupy
+    name = choose_transport(cfg.parallel, encoder_locations, lm_locations, decoder_locations)
     transport = make_transport(name); transport.setup(all_actors)
     refs = transport.call(actor, "forward_step", args, num_outputs=3, direct=range(2))
 """
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
+import threading
+import uuid
 from collections.abc import Container, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import ray
 
-from mimo_ray.config import ParallelConfig
+from mimo_ray.config import Config, ParallelConfig
 
 OBJECT_STORE = "object_store"
 NCCL = "nccl"
@@ -41,18 +45,66 @@ class ActorLocation:
     gpu_ids: tuple[str, ...] = ()
 
 
+def stage_actor_count(cfg: Config) -> int:
+    """Stage actors of the disaggregated runtime: encoder groups x encoder DP, LM TP x DP, and the decoder group."""
+    par = cfg.parallel
+    encoder_groups = len(cfg.model.modalities) if par.encoder_groups == "per_modality" else 1
+    decoders = 1 if par.decoder_placement == "group" and cfg.model.outputs.active() else 0
+    return max(encoder_groups, 1) * par.encoder_dp + par.lm_tp * par.lm_dp + decoders
+
+
+def cupy_available() -> bool:
+    """Whether ``cupy`` (Ray's NCCL collective backend) can be imported here."""
+    return importlib.util.find_spec("cupy") is not None
+
+
+def check_transport_config(cfg: Config) -> None:
+    """Reject transports that cannot work, before any actor starts.
+
+    - ``cuda_ipc`` moves tensors between actors that share one GPU, so every stage actor must fit on one GPU:
+      ``parallel.encoder_dp = lm_dp = lm_tp = 1`` and ``gpus_per_actor * actors <= 1``.
+    - ``nccl`` (asked for, or what ``auto`` picks when the actors cannot share one GPU) needs ``cupy``.
+
+    Raises:
+        ValueError: naming the fields at fault and what to change.
+    """
+    par = cfg.parallel
+    if not par.use_gpu or par.transport == OBJECT_STORE:
+        return
+    actors = stage_actor_count(cfg)
+    one_gpu = par.encoder_dp == par.lm_dp == par.lm_tp == 1 and par.gpus_per_actor * actors <= 1.0 + 1e-9
+    if par.transport == CUDA_IPC and not one_gpu:
+        raise ValueError(
+            "parallel.transport='cuda_ipc' needs every stage actor on one GPU: parallel.encoder_dp, parallel.lm_dp "
+            f"and parallel.lm_tp must be 1 (got {par.encoder_dp}, {par.lm_dp}, {par.lm_tp}) and "
+            f"parallel.gpus_per_actor x {actors} actors must be <= 1 (got {par.gpus_per_actor}); use "
+            "parallel.transport=nccl (or auto) across GPUs"
+        )
+    wants_nccl = par.transport == NCCL or (par.transport == "auto" and not one_gpu)
+    if wants_nccl and not cupy_available():
+        raise ValueError(
+            f"parallel.transport={par.transport!r} uses NCCL between GPUs (stage actors on different GPUs), which "
+            "needs cupy: pip install -e '.[gpu]' (cupy-cuda12x), or set parallel.transport=object_store"
+        )
+
+
 def choose_transport(
-    parallel: ParallelConfig, encoder_locations: Sequence[ActorLocation], lm_locations: Sequence[ActorLocation]
+    parallel: ParallelConfig,
+    encoder_locations: Sequence[ActorLocation],
+    lm_locations: Sequence[ActorLocation],
+    decoder_locations: Sequence[ActorLocation] = (),
 ) -> str:
     """Pick the transport from where the actors landed, honouring ``parallel.transport`` when it is set.
 
-    No GPUs → object store; every encoder and LM actor on one GPU of one node → CUDA IPC; otherwise NCCL.
+    No GPUs → object store; every encoder, LM and decoder-group actor on one GPU of one node → CUDA IPC; otherwise
+    NCCL. The decoder group exchanges the generation rows and their gradients with the LM, so it counts like any
+    other stage actor.
 
     Raises:
         ValueError: a GPU transport was requested but the placement cannot use it (naming the field).
     """
     requested = parallel.transport
-    locations = [*encoder_locations, *lm_locations]
+    locations = [*encoder_locations, *lm_locations, *decoder_locations]
     on_gpu = parallel.use_gpu and all(loc.gpu_ids for loc in locations)
     if requested == OBJECT_STORE:
         return OBJECT_STORE
@@ -63,7 +115,7 @@ def choose_transport(
     shared_gpu = len({(loc.node_id, loc.gpu_ids) for loc in locations}) == 1
     if requested == CUDA_IPC and not shared_gpu:
         raise ValueError(
-            "parallel.transport='cuda_ipc' needs the encoder and LM actors on one GPU "
+            "parallel.transport='cuda_ipc' needs the encoder, LM and decoder actors on one GPU "
             "(set parallel.gpus_per_actor to a fraction and a single-GPU placement)"
         )
     if requested == "auto":
@@ -99,7 +151,7 @@ class ObjectStoreTransport:
         refs = call.remote(method, *args, **(kwargs or {}))
         return [refs] if num_outputs == 1 else list(refs)
 
-    def teardown(self) -> None:
+    def teardown(self, timeout_s: float = 10.0) -> None:
         """Nothing to tear down."""
 
 
@@ -119,6 +171,7 @@ class DirectTransport(ObjectStoreTransport):
         if name not in (NCCL, CUDA_IPC, GLOO):
             raise ValueError(f"unknown direct transport {name!r}; choose nccl or cuda_ipc")
         self.name = name
+        self.group_name = ""
         self._group = None
         self._keys = itertools.count()
 
@@ -128,7 +181,9 @@ class DirectTransport(ObjectStoreTransport):
             from ray.experimental.collective import create_collective_group
 
             backend = "nccl" if self.name == NCCL else "torch_gloo"
-            self._group = create_collective_group(list(actors), backend=backend, name=f"mimo-rdt-{id(self)}")
+            # A fresh name per group: a re-created runtime (recovery) never meets a stale group of the same name.
+            self.group_name = f"mimo-rdt-{self.name}-{uuid.uuid4().hex[:12]}"
+            self._group = create_collective_group(list(actors), backend=backend, name=self.group_name)
 
     def call(
         self,
@@ -150,16 +205,25 @@ class DirectTransport(ObjectStoreTransport):
             refs.append(take.remote(done, key, index))
         return refs
 
-    def teardown(self) -> None:
-        """Destroy the NCCL communicator."""
-        if self._group is not None:
+    def teardown(self, timeout_s: float = 10.0) -> None:
+        """Destroy the communicator, waiting at most ``timeout_s`` (call after the actors are killed: Ray's destroy
+        waits on every member with no timeout, and a member wedged in NCCL would never answer).
+        """
+        group, self._group = self._group, None
+        if group is None:
+            return
+
+        def destroy() -> None:
             from ray.experimental.collective import destroy_collective_group
 
             try:
-                destroy_collective_group(self._group)
-            except Exception:  # noqa: BLE001 - actors may already be dead
+                destroy_collective_group(group)
+            except Exception:  # noqa: BLE001 - members are dead by now; only the driver-side record matters
                 pass
-            self._group = None
+
+        worker = threading.Thread(target=destroy, name=f"destroy-{self.group_name}", daemon=True)
+        worker.start()
+        worker.join(timeout_s)
 
 
 def make_transport(name: str) -> ObjectStoreTransport:

@@ -22,14 +22,15 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from mimo_ray.config import Config
 from mimo_ray.parallel.megatron_setup import init_megatron, seed_everything
 from mimo_ray.stages.optim import (
-    build_optimizer,
     clip_coefficient,
     divide_grads,
     grad_sq_norm,
     is_tp_sharded,
+    param_grad,
     set_lr,
     total_norm,
 )
+from mimo_ray.stages.precision import DynamicLossScaler, MixedPrecisionOptimizer, cast_module, compute_dtype
 
 F = TypeVar("F", bound=Callable[..., Any])
 # Exception types that keep their type when prefixed; anything else becomes a RuntimeError.
@@ -82,6 +83,9 @@ class Stage:
         name_prefix: prefix that maps this stage's parameter names onto the fused model's.
     """
 
+    #: Whether the stage trains: inference stages set ``False`` and get no optimizer (no fp32 master copies).
+    trains = True
+
     def __init__(self, cfg: Config, *, role: str, rank: int, world_size: int, tp: int = 1, name_prefix: str = ""):
         self.cfg = cfg
         self.role = role
@@ -93,7 +97,12 @@ class Stage:
         self.payload_format = "numpy"
         self.device = torch.device("cpu")
         self.module: torch.nn.Module | None = None
-        self.optimizer: torch.optim.Optimizer | None = None
+        self.optimizer: MixedPrecisionOptimizer | None = None
+        self.dtype = compute_dtype(cfg)
+        # fp16 only: the dynamic loss scale (identical on every stage: all see the same global grad norms).
+        self.scaler: DynamicLossScaler | None = None
+        if self.dtype == torch.float16:
+            self.scaler = DynamicLossScaler(cfg.train.initial_loss_scale, cfg.train.loss_scale_window)
         self.tp_rank = 0
         self.dp_rank = 0
         self._in_step = False
@@ -126,37 +135,52 @@ class Stage:
         )
         self.tp_rank = parallel_state.get_tensor_model_parallel_rank()
         self.dp_rank = parallel_state.get_data_parallel_rank()
-        self.module = self.build_module().to(self.device)
+        self.module = cast_module(self.build_module(), self.dtype).to(self.device)
         # An encoder group with no input modality (output tasks only) has no parameters, hence no optimizer: it still
         # reads the data stream and routes the tokens and targets to the LM group.
         params = list(self.module.parameters())
-        self.optimizer = build_optimizer(params, self.cfg.train) if params else None
+        self.optimizer = MixedPrecisionOptimizer(params, self.cfg.train) if params and self.trains else None
         num = sum(p.numel() for p in self.module.parameters())
         return {"rank": self.rank, "dp_rank": self.dp_rank, "tp_rank": self.tp_rank, "num_params": num}
 
     def _named_params(self) -> list[tuple[str, torch.nn.Parameter]]:
         return [(n, p) for n, p in self.module.named_parameters() if p.requires_grad]
 
+    @property
+    def loss_scale(self) -> float:
+        """Factor every backward of this stage applies to its loss (the fp16 loss scale; 1 otherwise)."""
+        return self.scaler.scale if self.scaler is not None else 1.0
+
+    def backward_loss(self, loss: torch.Tensor) -> None:
+        """Backward of a scalar loss, multiplied by the fp16 loss scale (a no-op factor otherwise)."""
+        scale = self.loss_scale
+        (loss * scale if scale != 1.0 else loss).backward()
+
+    def _clear_grads(self) -> None:
+        for _, p in self._named_params():
+            p.grad = None
+            if hasattr(p, "main_grad"):
+                p.main_grad = None
+
     def _begin_step(self) -> None:
         """First training call of a step: fresh gradients, forget the previous step's."""
         if not self._in_step:
             self._in_step = True
             self._last_grads = {}
-            for _, p in self._named_params():
-                p.grad = None
+            self._clear_grads()
 
     @stage_call
     def reset_step(self) -> None:
         """Abandon a failed step: drop accumulated gradients and stored graphs so the next step starts clean."""
-        for _, p in self._named_params():
-            p.grad = None
+        self._clear_grads()
         self.__dict__.get("_graphs", {}).clear()
         self._in_step = False
 
     # ----- end of step --------------------------------------------------------------------------------------------
     @stage_call
     def reduce_grads(self, *lm_stats: dict[str, float] | None) -> float:
-        """Sum gradients over the data-parallel ranks and divide by the global loss-token count.
+        """Sum the fp32 main gradients over the data-parallel ranks and divide by the global loss-token count (and the
+        fp16 loss scale).
 
         Args:
             *lm_stats: the stats of every LM micro-batch of the step (each has ``num_tokens``); ``None`` entries
@@ -176,25 +200,29 @@ class Stage:
         params = [p for _, p in self._named_params()]
         group = parallel_state.get_data_parallel_group()
         if dist.get_world_size(group) > 1:
-            has_grad = torch.tensor([p.grad is not None for p in params], dtype=torch.int32)
+            # On the stage's device: the DP group is NCCL on GPU, which takes CUDA tensors only.
+            has = [param_grad(p) is not None for p in params]
+            has_grad = torch.tensor(has, dtype=torch.int32, device=self.device)
             dist.all_reduce(has_grad, op=dist.ReduceOp.MAX, group=group)
-            for p, has in zip(params, has_grad.tolist(), strict=True):
-                if has and p.grad is None:
-                    p.grad = torch.zeros_like(p)
-            grads = [p.grad for p in params if p.grad is not None]
+            for p, mine, anyone in zip(params, has, has_grad.tolist(), strict=True):
+                if anyone and not mine:
+                    p.main_grad = torch.zeros_like(p, dtype=torch.float32)
+            grads = [g for g in (param_grad(p) for p in params) if g is not None]
             if grads:
-                flat = _flatten_dense_tensors(grads)
+                flat = _flatten_dense_tensors(grads)  # fp32 main grads: the DP sum runs in fp32
                 dist.all_reduce(flat, group=group)
                 for grad, reduced in zip(grads, _unflatten_dense_tensors(flat, grads), strict=True):
                     grad.copy_(reduced)
-        divide_grads(params, num_tokens)
+        divide_grads(params, num_tokens * self.loss_scale)
         if self.dp_rank != 0:
             return 0.0
         return grad_sq_norm(self._named_params(), count_replicated=self.tp_rank == 0)
 
     @stage_call
     def optimizer_step(self, lr: float, max_norm: float, *sq_norms: float) -> dict[str, float]:
-        """Clip by the global norm and step; keeps the pre-clip gradients for :meth:`full_grads`.
+        """Clip the fp32 main gradients by the global norm and step the fp32 masters; keeps the pre-clip gradients for
+        :meth:`full_grads`. With fp16, a non-finite global norm (overflow anywhere) skips the step on every stage and
+        the loss scale backs off.
 
         Args:
             lr: learning rate for this step.
@@ -202,24 +230,25 @@ class Stage:
             *sq_norms: every rank's :meth:`reduce_grads` result, same order on every rank.
 
         Returns:
-            ``{"grad_norm": pre-clip global norm, "clip_coef": applied factor}``.
+            ``{"grad_norm": pre-clip global norm, "clip_coef": applied factor, "skipped": 0/1, "loss_scale"}``.
         """
         norm = total_norm(sq_norms)
-        coef = clip_coefficient(norm, max_norm)
+        skipped = self.scaler is not None and not math.isfinite(norm)
+        coef = 1.0 if skipped else clip_coefficient(norm, max_norm)
         self._last_grads = {}
         for name, p in self._named_params():
-            if p.grad is None:
-                continue
-            self._last_grads[name] = p.grad
-            if coef < 1.0:
-                p.grad = p.grad * coef  # a new tensor: the pre-clip one stays readable
-        if self.optimizer is not None:
+            grad = param_grad(p)
+            if grad is not None:
+                self._last_grads[name] = grad  # step() scales into a new tensor: the pre-clip one stays readable
+        if self.optimizer is not None and not skipped:
             set_lr(self.optimizer, lr)
-            self.optimizer.step()
-        for _, p in self._named_params():
-            p.grad = None
+            self.optimizer.step(coef)
+        scale = self.loss_scale
+        if self.scaler is not None:
+            self.scaler.update(skipped)
+        self._clear_grads()
         self._in_step = False
-        return {"grad_norm": norm, "clip_coef": coef}
+        return {"grad_norm": norm, "clip_coef": coef, "skipped": int(skipped), "loss_scale": scale}
 
     # ----- views for tests and checkpoints ------------------------------------------------------------------------
     def _gather_tp(self, param: torch.nn.Parameter, value: torch.Tensor) -> torch.Tensor:
@@ -268,6 +297,8 @@ class Stage:
         file.parent.mkdir(parents=True, exist_ok=True)
         model = {k: v.detach().cpu() for k, v in self.module.state_dict().items() if isinstance(v, torch.Tensor)}
         optim = self.optimizer.state_dict() if self.optimizer is not None else {}
+        if self.scaler is not None:
+            optim["loss_scaler"] = self.scaler.state_dict()
         torch.save({"model": model, "optimizer": optim}, file)
         return str(file)
 
@@ -286,8 +317,12 @@ class Stage:
         missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
         if missing or result.unexpected_keys:
             raise ValueError(f"checkpoint {file}: missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}")
+        optim = dict(state["optimizer"])
+        scaler = optim.pop("loss_scaler", None)
+        if self.scaler is not None and scaler is not None:
+            self.scaler.load_state_dict(scaler)
         if self.optimizer is not None:
-            self.optimizer.load_state_dict(state["optimizer"])
+            self.optimizer.load_state_dict(optim)
         self._last_grads = {}
         self._in_step = False
 

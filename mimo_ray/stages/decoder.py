@@ -58,7 +58,7 @@ class DecoderStage(Stage):
         self._begin_step()
         rows, parts = self._losses(payload, train=True)
         if parts:
-            torch.autograd.backward(list(parts.values()))
+            self.backward_loss(sum(parts.values()))
         grads = {n: r.grad if r.grad is not None else torch.zeros_like(r) for n, r in rows.items()}
         return [{n: float(v.detach()) for n, v in parts.items()}, pack(grads, self.payload_format)]
 

@@ -53,7 +53,7 @@ class FusedStage(Stage):
         """
         self._begin_step()
         loss_sum, num_tokens, parts = self._loss(batch)
-        loss_sum.backward()
+        self.backward_loss(loss_sum)
         return loss_stats(loss_sum, num_tokens, len(batch["input_ids"]), parts)
 
     @stage_call

@@ -114,6 +114,8 @@ def _decode_outputs(stage: Stage, input_ids: Any) -> dict[str, Any]:
 class EncoderInferStage(EncoderStage):
     """An encoder rank that reads prompt batches itself and returns their embeddings (no graph kept)."""
 
+    trains = False
+
     @stage_call
     def load_weights(self, ckpt: str) -> None:
         load_weights(self, ckpt)
@@ -141,6 +143,8 @@ class EncoderInferStage(EncoderStage):
 
 class LanguageInferStage(LanguageStage):
     """An LM rank that generates for encoded prompt batches (every TP rank of a DP rank gets the same call)."""
+
+    trains = False
 
     def build_module(self) -> torch.nn.Module:
         return build_lm_part(self.cfg)  # output decoders always beside the LM for inference (no backward to route)
@@ -177,6 +181,8 @@ class LanguageInferStage(LanguageStage):
 
 class FusedInferStage(FusedStage):
     """Encoders and LM in one process: the ``fused`` inference runtime and the one-process baseline."""
+
+    trains = False
 
     @stage_call
     def load_weights(self, ckpt: str) -> None:

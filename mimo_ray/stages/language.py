@@ -100,7 +100,7 @@ class LanguageStage(Stage):
         tokens, emb, groups, piece_tokens = self._join(num_groups, payloads)
         emb = {name: rows.requires_grad_() for name, rows in emb.items()}
         loss_sum, num_tokens, parts = self._loss(tokens, emb)
-        loss_sum.backward()
+        self.backward_loss(loss_sum)
         stats = loss_stats(loss_sum, num_tokens, tokens["input_ids"].shape[0], parts)
         if not return_grads:
             return [None]
@@ -171,7 +171,9 @@ class LanguageStage(Stage):
         grads = unpack(grad_rows, self.device)
         names = [n for n in rows if n in grads and rows[n].requires_grad]
         outputs = [loss_sum, *(rows[n] for n in names)]
-        torch.autograd.backward(outputs, [torch.ones_like(loss_sum), *(grads[n] for n in names)])
+        # The rows' gradients came back already multiplied by the (fp16) loss scale.
+        seed = torch.full_like(loss_sum, self.loss_scale)
+        torch.autograd.backward(outputs, [seed, *(grads[n] for n in names)])
         if not return_grads:
             return [None]
         part_t = {n: torch.tensor(v, dtype=torch.float64) for n, v in parts.items()}

@@ -51,6 +51,13 @@ def is_tp_sharded(param: torch.Tensor) -> bool:
     return bool(getattr(param, "tensor_model_parallel", False))
 
 
+def param_grad(param: torch.Tensor) -> torch.Tensor | None:
+    """The gradient the optimizer will use: the fp32 ``main_grad`` of a mixed-precision parameter, else ``.grad``."""
+    if hasattr(param, "main_grad"):
+        return param.main_grad
+    return param.grad
+
+
 def grad_sq_norm(named_params: Iterable[tuple[str, torch.Tensor]], *, count_replicated: bool) -> float:
     """Share of the squared global gradient norm held by this process, in float64.
 
@@ -64,11 +71,8 @@ def grad_sq_norm(named_params: Iterable[tuple[str, torch.Tensor]], *, count_repl
     Returns:
         Sum of squared gradient elements.
     """
-    parts = [
-        float(p.grad.double().pow(2).sum())
-        for _, p in named_params
-        if p.grad is not None and (count_replicated or is_tp_sharded(p))
-    ]
+    grads = [param_grad(p) for _, p in named_params if count_replicated or is_tp_sharded(p)]
+    parts = [float(g.double().pow(2).sum()) for g in grads if g is not None]
     return math.fsum(parts)
 
 
@@ -93,14 +97,16 @@ def clip_coefficient(norm: float, max_norm: float) -> float:
 
 
 def scale_grads(params: Iterable[torch.Tensor], factor: float) -> None:
-    """Multiply every existing gradient in place by ``factor``."""
+    """Multiply every existing gradient (``main_grad`` where present) in place by ``factor``."""
     for p in params:
-        if p.grad is not None:
-            p.grad.mul_(factor)
+        grad = param_grad(p)
+        if grad is not None:
+            grad.mul_(factor)
 
 
 def divide_grads(params: Iterable[torch.Tensor], divisor: float) -> None:
-    """Divide every existing gradient in place (turns summed per-token losses into the global mean)."""
+    """Divide every existing gradient (``main_grad`` where present) in place: summed per-token losses → mean."""
     for p in params:
-        if p.grad is not None:
-            p.grad.div_(divisor)
+        grad = param_grad(p)
+        if grad is not None:
+            grad.div_(divisor)

@@ -28,6 +28,8 @@ CASES = {
     # for step 1; measured 7.2e-7). After AdamW's second step the parameters differ by 1.8e-4 relative (measured):
     # AdamW divides by sqrt(v), so last-bit gradient differences on near-zero gradients become visible updates.
     "outputs_lm_tp2": (["parallel.lm_tp=2"], 1e-5, 1e-3),
+    # bf16 (C10): decoders in their own group exchange bf16 generation-token states and gradients with the LM.
+    "outputs_decoder_group_bf16": (["parallel.decoder_placement=group", "model.params_dtype=bf16"], 1e-6, 1e-6),
 }
 
 

@@ -53,9 +53,89 @@ def test_choose_transport():
     forced = load_config("tiny", ["parallel.use_gpu=true", "parallel.transport=object_store"]).parallel
     assert choose_transport(forced, [a0], [a1]) == "object_store"
     ipc = load_config("tiny", ["parallel.use_gpu=true", "parallel.transport=cuda_ipc"]).parallel
-    with pytest.raises(ValueError, match="parallel.transport='cuda_ipc' needs the encoder and LM actors on one GPU"):
+    with pytest.raises(ValueError, match="transport='cuda_ipc' needs the encoder, LM and decoder actors on one GPU"):
         choose_transport(ipc, [a0], [a1])
+    # The decoder group takes part: on another GPU it turns CUDA IPC into NCCL (or an error when IPC is forced).
+    assert choose_transport(gpu, [a0], [a0], [a0]) == "cuda_ipc"
+    assert choose_transport(gpu, [a0], [a0], [a1]) == "nccl"
+    with pytest.raises(ValueError, match="needs the encoder, LM and decoder actors on one GPU"):
+        choose_transport(ipc, [a0], [a0], [a1])
     with pytest.raises(ValueError, match="needs every stage actor on a GPU"):
         choose_transport(ipc, [ActorLocation("a")], [a0])
     with pytest.raises(ValueError, match="parallel.transport='nccl' needs parallel.use_gpu=true"):
         load_config("tiny", ["parallel.transport=nccl"])
+
+
+def test_transport_preflight_rejects_impossible_gpu_layouts_before_any_actor(monkeypatch):
+    import mimo_ray.runtime.transport as transport
+    from mimo_ray.runtime.disaggregated import DisaggregatedRuntime
+
+    gpu = ["parallel.use_gpu=true"]
+    ipc = [*gpu, "parallel.transport=cuda_ipc", "parallel.gpus_per_actor=0.5"]
+    check = transport.check_transport_config
+    check(load_config("tiny", ipc))  # 1 encoder + 1 LM actor at 0.5 GPU each: fits on one GPU
+    with pytest.raises(ValueError, match=r"parallel.lm_dp and parallel.lm_tp must be 1 \(got 1, 1, 2\)"):
+        DisaggregatedRuntime(load_config("tiny", [*ipc, "parallel.lm_tp=2"]))  # raises before Ray is even asked
+    with pytest.raises(ValueError, match=r"parallel.gpus_per_actor x 3 actors must be <= 1 \(got 0.5\)"):
+        check(load_config("tiny", [*ipc, "parallel.decoder_placement=group", "model.outputs.image_out.enabled=true"]))
+    with pytest.raises(ValueError, match=r"gpus_per_actor x 2 actors must be <= 1 \(got 1.0\)"):
+        check(load_config("tiny", [*gpu, "parallel.transport=cuda_ipc"]))
+    monkeypatch.setattr(transport, "cupy_available", lambda: False)
+    with pytest.raises(ValueError, match=r"transport='nccl' uses NCCL .* needs cupy: pip install -e '.\[gpu\]'"):
+        check(load_config("tiny", [*gpu, "parallel.transport=nccl"]))
+    with pytest.raises(ValueError, match=r"parallel.transport='auto' uses NCCL"):  # separate GPUs → auto means NCCL
+        check(load_config("tiny", gpu))
+    check(load_config("tiny", [*gpu, "parallel.gpus_per_actor=0.5"]))  # auto on one shared GPU → CUDA IPC
+    check(load_config("tiny", [*gpu, "parallel.transport=object_store"]))
+    monkeypatch.setattr(transport, "cupy_available", lambda: True)
+    check(load_config("tiny", [*gpu, "parallel.transport=nccl"]))
+
+
+def test_close_kills_actors_before_a_bounded_communicator_destroy(monkeypatch):
+    import threading
+
+    import ray.experimental.collective as collective
+
+    from mimo_ray.runtime.disaggregated import DisaggregatedRuntime
+    from mimo_ray.runtime.transport import DirectTransport
+
+    events: list[str] = []
+    stuck = threading.Event()
+
+    def destroy_forever(group):  # a member wedged in NCCL never answers Ray's destroy
+        events.append(f"destroy {group}")
+        stuck.wait(60)
+
+    monkeypatch.setattr(collective, "destroy_collective_group", destroy_forever)
+
+    class Group:
+        def __init__(self, name):
+            self.name = name
+
+        def kill(self):
+            events.append(f"kill {self.name}")
+
+    transport = DirectTransport("nccl")
+    transport._group, transport.group_name = "g1", "mimo-rdt-nccl-test"
+    rt = object.__new__(DisaggregatedRuntime)
+    rt.encoder_groups, rt.lm_group, rt.decoder_group = [Group("enc")], Group("lm"), Group("dec")
+    rt.transport = transport
+    rt.close(destroy_timeout_s=0.2)  # returns although the destroy never does
+    stuck.set()
+    assert events[:3] == ["kill enc", "kill lm", "kill dec"] and events[3] == "destroy g1"
+    assert rt.transport is None and rt.groups == []
+    rt.close()  # idempotent
+
+
+def test_collective_group_names_are_unique(monkeypatch):
+    import ray.experimental.collective as collective
+
+    from mimo_ray.runtime.transport import DirectTransport
+
+    monkeypatch.setattr(collective, "create_collective_group", lambda actors, backend, name: name)
+    names = set()
+    for _ in range(3):
+        t = DirectTransport("nccl")
+        t.setup([])
+        names.add(t.group_name)
+    assert len(names) == 3 and all(n.startswith("mimo-rdt-nccl-") for n in names)
