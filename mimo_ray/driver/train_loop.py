@@ -23,6 +23,7 @@ from mimo_ray.config import Config, config_to_dict, save_config
 from mimo_ray.driver import checkpoint as ckpt
 from mimo_ray.driver import run_dir
 from mimo_ray.driver.data_sources import build_data_source
+from mimo_ray.driver.ledger import SampleLedger
 from mimo_ray.driver.schedule import lr_at
 from mimo_ray.observability import MetricsWriter, plot_metrics
 
@@ -88,6 +89,7 @@ class TrainLoop:
         self.recoveries: list[dict[str, Any]] = []
         self._eval_cache: list[list[Any]] | None = None
         self.metrics = MetricsWriter(self.out)
+        self.ledger = SampleLedger(self.out)
 
     @classmethod
     def build(cls, cfg: Config, on_step_start: Callable[[int], None] | None = None) -> TrainLoop:
@@ -146,6 +148,7 @@ class TrainLoop:
             self.runtime.load_checkpoint(str(found))
             log.info("resumed from %s (step %d, %d samples consumed)", found, self.step, self.samples)
         self.metrics.truncate_after(self.step)
+        self.ledger.truncate_after(self.step)
         if self.cfg.train.eval_interval and self.cfg.data.val_path:
             # Decode the val batches before the train streams hold the decode workers: a second Ray Data
             # pipeline started later would wait for CPUs the first one keeps (a silent starvation, NOTES §3).
@@ -271,6 +274,7 @@ class TrainLoop:
                 **{k: float(result[k]) for k in ("loss_scale", "skipped_step") if k in result},  # fp16 only
             }
             self.metrics.write(record)
+            self.ledger.write(self.step, result.get("sample_ids", []))
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
             if cfg.train.eval_interval and self.step % cfg.train.eval_interval == 0 and cfg.data.val_path:

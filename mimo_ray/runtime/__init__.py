@@ -3,7 +3,7 @@ groups on Ray). Both implement :class:`TrainRuntime` with the same optimizer, cl
 
     rt = build_runtime(cfg)                       # cfg.train.runtime: "fused" | "disaggregated"
     rt.set_data_iterators(shards)                 # optional: one stream of C1 micro-batches per encoder DP rank
-    out = rt.train_step(None, lr)                 # {"loss", "num_tokens", "grad_norm", "step_time_s"}
+    out = rt.train_step(None, lr)                 # {"loss", "num_tokens", "grad_norm", "step_time_s", "sample_ids"}
     rt.save_checkpoint("run/step_10"); rt.close()
 
 ``train_step(microbatches, lr)``: one optimizer step over ``data.global_batch_size`` samples given as a list of

@@ -232,7 +232,8 @@ class DisaggregatedRuntime:
         """One optimizer step over ``microbatches`` (``None``: the encoder ranks pull from their data streams).
 
         Returns:
-            ``{"loss", "num_tokens", "grad_norm", "step_time_s"}``; ``loss`` is the global per-token mean.
+            ``{"loss", "num_tokens", "grad_norm", "step_time_s", "sample_ids"}``; ``loss`` is the global per-token
+            mean, ``sample_ids`` the ids of the samples stepped on.
 
         Raises:
             ray.exceptions.RayError: an actor failed (``[stage/rank]`` in the message) or died.
@@ -252,6 +253,10 @@ class DisaggregatedRuntime:
             raise
         stats, steps = done[: len(stats_refs)], done[len(stats_refs) :]
         out = {**summarize(stats), "grad_norm": steps[0]["grad_norm"], "step_time_s": time.perf_counter() - start}
+        if microbatches is None:  # the encoder ranks pulled from their data streams (rank by rank)
+            out["sample_ids"] = [i for s in steps for i in s.get("sample_ids", ())]
+        else:
+            out["sample_ids"] = [i for mb in microbatches for i in (mb.get("ids") or ())]
         return {**out, **loss_scale_metrics(self.cfg, steps[0])}
 
     def _reset_after_failure(self, wait_s: float = 5.0) -> None:

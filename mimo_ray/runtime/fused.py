@@ -41,13 +41,18 @@ class FusedRuntime:
         return [next(self._iterators[k % len(self._iterators)]) for k in range(count)]
 
     def train_step(self, microbatches: list[Batch] | None, lr: float) -> dict[str, Any]:
-        """One optimizer step over the micro-batches (or ``global_batch_size`` samples pulled from the streams)."""
+        """One optimizer step over the micro-batches (or ``global_batch_size`` samples pulled from the streams).
+
+        Returns:
+            ``{"loss", "num_tokens", "grad_norm", "step_time_s", "sample_ids"}`` (ids of the samples stepped on).
+        """
         start = time.perf_counter()
         batches = self._pull() if microbatches is None else microbatches
         stats = [self.stage.forward_backward(mb) for mb in batches]
         sq_norm = self.stage.reduce_grads(*stats)
         step = self.stage.optimizer_step(lr, self.cfg.train.grad_clip, sq_norm)
         out = {**summarize(stats), "grad_norm": step["grad_norm"], "step_time_s": time.perf_counter() - start}
+        out["sample_ids"] = [i for mb in batches for i in (mb.get("ids") or ())]
         return {**out, **loss_scale_metrics(self.cfg, step)}
 
     def eval_step(self, microbatches: list[Batch] | None) -> dict[str, Any]:

@@ -62,6 +62,7 @@ class EncoderStage(Stage):
         self.leader = leader
         self._graphs: dict[Any, dict[str, torch.Tensor]] = {}
         self._data: Iterator | None = None
+        self._consumed: list[str] = []  # sample ids pulled from the data stream in the current training step
 
     def build_module(self) -> torch.nn.Module:
         return build_encoder_part(self.cfg, self.modalities)
@@ -116,7 +117,11 @@ class EncoderStage(Stage):
         """
         if train:
             self._begin_step()
-        batch = unpack(self._next_batch() if batch is None else batch, self.device)
+        if batch is None:
+            batch = self._next_batch()
+            if train:
+                self._consumed.extend(batch.get("ids") or [])
+        batch = unpack(batch, self.device)
         input_ids = batch["input_ids"]
         size = batch_size(batch)
         starts = [r[0] for r in ranges]
@@ -144,6 +149,19 @@ class EncoderStage(Stage):
             media = {m: inputs[m] for m in mods if inputs.get(m) is not None}
             outputs.append(pack({"input_ids": input_ids, "modality_inputs": media}, "numpy"))
         return outputs
+
+    @stage_call
+    def reset_step(self) -> None:
+        """Abandon a failed step (see :meth:`Stage.reset_step`); the ids it pulled are not reported as consumed."""
+        super().reset_step()
+        self._consumed = []
+
+    @stage_call
+    def optimizer_step(self, lr: float, max_norm: float, *sq_norms: float) -> dict[str, Any]:
+        """:meth:`Stage.optimizer_step`, plus ``"sample_ids"``: the ids this rank pulled from its stream this step."""
+        out = super().optimizer_step(lr, max_norm, *sq_norms)
+        out["sample_ids"], self._consumed = self._consumed, []
+        return out
 
     @stage_call
     def backward_step(self, key: Any, *grad_pieces: dict[str, Any]) -> None:

@@ -12,6 +12,7 @@ sys.path.insert(0, str(ROOT))
 
 from jobs import train as train_job  # noqa: E402
 from mimo_ray.config import load_config  # noqa: E402
+from mimo_ray.driver.ledger import SampleLedger  # noqa: E402
 from mimo_ray.driver.train_loop import TrainLoop  # noqa: E402
 from mimo_ray.observability import read_metrics  # noqa: E402
 
@@ -20,6 +21,11 @@ STEPS = 6
 
 def _args(out, *extra):
     return ["--preset", "tiny", "--max-steps", str(STEPS), "--output-dir", str(out), "train.ckpt_interval=2", *extra]
+
+
+def _ledger(out):
+    """Per step, the sorted ids trained on (rank order differs between runtimes)."""
+    return [(r["step"], sorted(r["ids"])) for r in SampleLedger(out).read()]
 
 
 def _losses(out):
@@ -45,6 +51,8 @@ def test_disaggregated_job_writes_metrics_checkpoint_plot(straight):
     state = json.loads((out / "checkpoints" / latest / "driver.json").read_text())
     assert state["step"] == STEPS and state["samples_consumed"] == STEPS * 8
     assert (out / "metrics.png").read_bytes()[:4] == b"\x89PNG"
+    ledger = _ledger(out)
+    assert [step for step, _ in ledger] == list(range(1, STEPS + 1)) and all(len(ids) == 8 for _, ids in ledger)
     assert any((out / "tb").iterdir())
 
 
@@ -54,6 +62,7 @@ def test_fused_job_gives_the_same_loss_curve(straight, tmp_path):
     fused = _losses(tmp_path)
     assert fused == pytest.approx(_losses(out), rel=1e-6, abs=0)
     assert fused[-1] < fused[0]
+    assert _ledger(tmp_path) == _ledger(out)
 
 
 def test_resume_gives_the_same_losses(straight, tmp_path):
@@ -62,6 +71,7 @@ def test_resume_gives_the_same_losses(straight, tmp_path):
     assert len(_losses(tmp_path)) == 3
     train_job.main(_args(tmp_path, "--resume"))
     assert _losses(tmp_path) == pytest.approx(_losses(out), rel=1e-6, abs=0)
+    assert _ledger(tmp_path) == _ledger(out)
 
 
 def _killer(group: str, at_step: int):
@@ -92,6 +102,7 @@ def test_recovery_after_actor_death_matches_straight_run(straight, tmp_path, gro
     assert len(losses) == STEPS
     assert abs(losses[-1] - _losses(out)[-1]) <= 1e-6 * abs(losses[-1])
     assert losses == pytest.approx(_losses(out), rel=1e-6, abs=0)
+    assert _ledger(tmp_path) == _ledger(out)  # the re-run steps replaced their ledger rows
 
 
 def test_bad_flag_and_missing_path_fail_before_actors(tmp_path, capsys):

@@ -15,7 +15,8 @@ def test_fused_runtime_step_semantics(megatron_world, small_overrides):
     mbs = [random_batch(cfg, 2, seed=s) for s in range(2)]
     before = rt.named_parameters_full()
     out = rt.train_step(mbs, lr=1e-3)
-    assert set(out) == {"loss", "num_tokens", "grad_norm", "step_time_s"}
+    assert set(out) == {"loss", "num_tokens", "grad_norm", "step_time_s", "sample_ids"}
+    assert out["sample_ids"] == []  # random batches carry no ids
     # The loss is the per-token mean over the whole global batch, not a mean of micro-batch means.
     model = rt.stage.module
     with torch.no_grad():
