@@ -20,7 +20,9 @@ import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from mimo_ray.config import Config
+from mimo_ray.convert.layout import is_imported, load_imported
 from mimo_ray.parallel.megatron_setup import init_megatron, seed_everything
+from mimo_ray.parallel.tp_shards import unshard
 from mimo_ray.stages.optim import (
     build_optimizer,
     clip_coefficient,
@@ -228,12 +230,10 @@ class Stage:
 
         if self.tp == 1 or not is_tp_sharded(param):
             return value
-        if getattr(param, "partition_stride", 1) != 1:
-            raise ValueError(f"cannot gather a TP shard with partition_stride={param.partition_stride}")
         group = parallel_state.get_tensor_model_parallel_group()
         parts = [torch.empty_like(value) for _ in range(self.tp)]
         dist.all_gather(parts, value.contiguous(), group=group)
-        return torch.cat(parts, dim=param.partition_dim)
+        return unshard(parts, param.partition_dim, getattr(param, "partition_stride", 1))
 
     def _full_view(self, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out = {}
@@ -279,6 +279,11 @@ class Stage:
             ValueError: the file is missing or does not match the model's parameters.
         """
         file = self._ckpt_file(path)
+        if not file.exists() and is_imported(path):  # a step-0 import: weights only, a fresh optimizer
+            load_imported(self.module, path, self.name_prefix, self.tp_rank, self.tp)
+            self._last_grads = {}
+            self._in_step = False
+            return
         if not file.exists():
             raise ValueError(f"checkpoint file {file} does not exist")
         state = torch.load(file, map_location=self.device, weights_only=True)
