@@ -99,4 +99,9 @@ def hf_dirs(tmp_path_factory):
         randomize_(model, 4).save_pretrained(root / name)
         make_tokenizer(root / name)
         out[name] = root / name
+    # An HF vocabulary exactly as long as the tokenizer: the modality tags need new rows.
+    small = root / "llama_small_vocab"
+    rows = len(make_tokenizer(small))
+    randomize_(transformers.LlamaForCausalLM(llama_config(vocab_size=rows)), 5).save_pretrained(small)
+    out["llama_small_vocab"] = small
     return out
