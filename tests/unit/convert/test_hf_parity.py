@@ -10,7 +10,8 @@ import torch
 
 from mimo_ray.convert.importer import import_run
 from mimo_ray.stages.fused import FusedStage
-from tests.unit.convert.conftest import transformers
+
+transformers = pytest.importorskip("transformers")
 
 TOL = 1e-5
 
