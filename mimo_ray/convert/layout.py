@@ -53,6 +53,19 @@ def lm_layouts(manifest: dict[str, Any]) -> dict[str, list[int]]:
     return manifest.get("lm_tp_layout", {})
 
 
+VOCAB_KEYS = ("word_embeddings.weight", "output_layer.weight")
+
+
+def fit_vocab_rows(table: torch.Tensor, rows: int) -> torch.Tensor:
+    """A vocabulary table padded for another TP size → ``rows`` rows (only all-zero padding rows are dropped)."""
+    have = table.shape[0]
+    if have == rows:
+        return table
+    if have > rows:
+        return table[:rows] if not table[rows:].any() else table
+    return torch.cat([table, table.new_zeros(rows - have, *table.shape[1:])])
+
+
 def _load(file: Path) -> dict[str, torch.Tensor]:
     return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
 
@@ -119,6 +132,8 @@ def load_imported(module: torch.nn.Module, step_dir: str | Path, prefix: str, tp
         raise ValueError(f"imported checkpoint {step_dir}: missing {missing[:5]}, unexpected {unexpected[:5]}")
     own = module.state_dict()
     for key, value in state.items():
+        if key.endswith(VOCAB_KEYS):
+            state[key] = value = fit_vocab_rows(value, own[key].shape[0])
         if tuple(own[key].shape) != tuple(value.shape):
             raise ValueError(
                 f"imported checkpoint {step_dir}: {prefix}{key} has shape {list(value.shape)}, the model expects "
