@@ -21,6 +21,7 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from mimo_ray.config import Config
 from mimo_ray.convert.layout import is_imported, load_imported
+from mimo_ray.model.freeze import freeze_parts
 from mimo_ray.parallel.megatron_setup import init_megatron, seed_everything
 from mimo_ray.parallel.tp_shards import unshard
 from mimo_ray.stages.optim import (
@@ -115,7 +116,7 @@ class Stage:
             payload_format: ``numpy`` (object store) or ``torch`` (Ray Direct Transport), see ``payload.py``.
 
         Returns:
-            ``{"rank", "dp_rank", "tp_rank", "num_params"}``.
+            ``{"rank", "dp_rank", "tp_rank", "num_params", "trainable_params", "frozen_params"}`` (this rank's).
         """
         from megatron.core import parallel_state
 
@@ -129,12 +130,19 @@ class Stage:
         self.tp_rank = parallel_state.get_tensor_model_parallel_rank()
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.module = self.build_module().to(self.device)
-        # An encoder group with no input modality (output tasks only) has no parameters, hence no optimizer: it still
-        # reads the data stream and routes the tokens and targets to the LM group.
-        params = list(self.module.parameters())
+        freeze_parts(self.module, self.cfg.model, self.name_prefix)
+        # Each element of the full model counted once: TP shards on every TP rank, replicated tensors on TP rank 0.
+        counts = {"trainable": 0, "frozen": 0}
+        for p in self.module.parameters():
+            if is_tp_sharded(p) or self.tp_rank == 0:
+                counts["trainable" if p.requires_grad else "frozen"] += p.numel()
+        # An encoder group with no input modality (output tasks only), or whose parts are all frozen, has no
+        # trainable parameters, hence no optimizer (and no optimizer state): it still encodes and routes the data.
+        params = [p for p in self.module.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(params, self.cfg.train) if params else None
         num = sum(p.numel() for p in self.module.parameters())
-        return {"rank": self.rank, "dp_rank": self.dp_rank, "tp_rank": self.tp_rank, "num_params": num}
+        return {"rank": self.rank, "dp_rank": self.dp_rank, "tp_rank": self.tp_rank, "num_params": num,
+                "trainable_params": counts["trainable"], "frozen_params": counts["frozen"]}
 
     def _named_params(self) -> list[tuple[str, torch.nn.Parameter]]:
         return [(n, p) for n, p in self.module.named_parameters() if p.requires_grad]
@@ -268,7 +276,8 @@ class Stage:
         file.parent.mkdir(parents=True, exist_ok=True)
         model = {k: v.detach().cpu() for k, v in self.module.state_dict().items() if isinstance(v, torch.Tensor)}
         optim = self.optimizer.state_dict() if self.optimizer is not None else {}
-        torch.save({"model": model, "optimizer": optim}, file)
+        names = [n for n, _ in self._named_params()] if self.optimizer is not None else []
+        torch.save({"model": model, "optimizer": optim, "optimizer_params": names}, file)
         return str(file)
 
     @stage_call
@@ -291,10 +300,24 @@ class Stage:
         missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
         if missing or result.unexpected_keys:
             raise ValueError(f"checkpoint {file}: missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}")
-        if self.optimizer is not None:
-            self.optimizer.load_state_dict(state["optimizer"])
+        if self.optimizer is not None and state.get("optimizer"):
+            self._load_optimizer(state["optimizer"], state.get("optimizer_params"))
         self._last_grads = {}
         self._in_step = False
+
+    def _load_optimizer(self, saved: dict[str, Any], saved_names: list[str] | None) -> None:
+        """Load optimizer state; when ``model.freeze`` changed since the save (staged training), by parameter name:
+        parameters that trained before keep their moments, newly trained ones start fresh.
+        """
+        names = [n for n, _ in self._named_params()]
+        if saved_names is None or saved_names == names:
+            self.optimizer.load_state_dict(saved)
+            return
+        where = {name: i for i, name in enumerate(saved_names)}
+        current = self.optimizer.state_dict()
+        current["state"] = {i: saved["state"][where[n]] for i, n in enumerate(names)
+                            if n in where and where[n] in saved["state"]}
+        self.optimizer.load_state_dict(current)
 
     # ----- how a remote caller gets a verb's list of outputs -------------------------------------------------------
     def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
