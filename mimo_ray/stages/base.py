@@ -276,8 +276,9 @@ class Stage:
         file.parent.mkdir(parents=True, exist_ok=True)
         model = {k: v.detach().cpu() for k, v in self.module.state_dict().items() if isinstance(v, torch.Tensor)}
         optim = self.optimizer.state_dict() if self.optimizer is not None else {}
-        names = [n for n, _ in self._named_params()] if self.optimizer is not None else []
-        torch.save({"model": model, "optimizer": optim, "optimizer_params": names}, file)
+        if optim:  # parameter names in optimizer order, so a changed model.freeze can still reload by name
+            optim["param_names"] = [n for n, _ in self._named_params()]
+        torch.save({"model": model, "optimizer": optim}, file)
         return str(file)
 
     @stage_call
@@ -301,7 +302,8 @@ class Stage:
         if missing or result.unexpected_keys:
             raise ValueError(f"checkpoint {file}: missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}")
         if self.optimizer is not None and state.get("optimizer"):
-            self._load_optimizer(state["optimizer"], state.get("optimizer_params"))
+            saved = dict(state["optimizer"])
+            self._load_optimizer(saved, saved.pop("param_names", None))
         self._last_grads = {}
         self._in_step = False
 
