@@ -51,7 +51,9 @@ def main(argv: list[str] | None = None) -> dict:
 
         out = Path(cfg.infer.output)
         try:
-            path = write_prompt_manifest(ns.prompt, media, out.with_name(out.stem + ".prompts.jsonl"))
+            step = ckpt_lib.resolve(cfg.infer.checkpoint)
+            modalities = json.loads((step / "driver.json").read_text())["config"]["model"]["modalities"]
+            path = write_prompt_manifest(ns.prompt, media, out.with_name(out.stem + ".prompts.jsonl"), modalities)
         except ValueError as err:
             raise SystemExit(f"error: {err}") from None
         cfg.data.data_path = str(path)

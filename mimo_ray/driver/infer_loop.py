@@ -63,9 +63,10 @@ def answer_correct(prediction: str, answer: str | None) -> bool | None:
     return prediction.strip().lower() == answer.strip().lower()
 
 
-def write_prompt_manifest(prompts: list[str], media: dict[str, str], path: Path) -> Path:
+def write_prompt_manifest(prompts: list[str], media: dict[str, str], path: Path,
+                          modalities: list[str] | None = None) -> Path:
     """Command-line prompts → a manifest (one human turn each; media for a single prompt, its tag prepended when the
-    text lacks it).
+    text lacks it; a video's own audio track stands in for ``--audio`` when the model has an audio modality).
 
     Raises:
         ValueError: media with more than one prompt, or a media file that does not exist.
@@ -84,6 +85,8 @@ def write_prompt_manifest(prompts: list[str], media: dict[str, str], path: Path)
             row[field] = str(Path(file).resolve())
             if tags[field] not in text:
                 text = f"{tags[field]}\n{text}"
+        if "video" in media and "audio" not in media and "audio" in (modalities or []) and tags["audio"] not in text:
+            text = f"{tags['audio']}{text}"  # the manifest reader takes the audio from the video file
         row["conversations"] = [{"from": "human", "value": text}]
         rows.append(row)
     path.parent.mkdir(parents=True, exist_ok=True)
