@@ -109,6 +109,8 @@ class HFDir:
             if handle is None:
                 from safetensors import safe_open
 
+                if len(self._handles) >= 2:  # unmap a shard we moved past: its pages leave this process
+                    self._handles.pop(next(iter(self._handles)))
                 handle = self._handles[file] = safe_open(file, framework="pt")
             return handle.get_tensor(key)
         return self._load_bin(file)[key]

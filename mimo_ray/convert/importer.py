@@ -161,11 +161,8 @@ def _write_encoder(step: Path, src: HFDir, rules: list[Rule], part: str, flag: s
 def _write_lm(step: Path, src: HFDir, cfg: Config, dtype: torch.dtype) -> tuple[int, dict[str, list[int]]]:
     lm = cfg.model.lm
     tp = cfg.parallel.lm_tp
-    hf_vocab = int(src.config.get("vocab_size") or 0)
     prefix = lm_prefix(src)
-    probe = src.get(f"{prefix}embed_tokens.weight")
-    hf_vocab = probe.shape[0]
-    del probe
+    hf_vocab = src.get(f"{prefix}embed_tokens.weight").shape[0]
     rules = lm_rules(cfg.model, prefix, hf_vocab)
     if lm.untie_embeddings_and_output_weights and "lm_head.weight" not in src:
         raise ValueError(f"--lm {src.path}: tie_word_embeddings is false but HF key 'lm_head.weight' is missing")
@@ -221,7 +218,7 @@ def import_run(lm: str | None, vision: str | None, audio: str | None, output_dir
     ckpt_dir = out / "checkpoints"
     if ckpt.latest(ckpt_dir) is not None:
         raise ValueError(f"--output-dir {output_dir!r} already holds checkpoints; choose a new run directory")
-    step = ckpt.begin(ckpt_dir, 0)
+    tmp = ckpt.begin(ckpt_dir, 0)  # renamed to step_0000000 once complete
     parts: list[str] = []
     counts: dict[str, int] = {}
     tp_layout: dict[str, list[int]] = {}
@@ -231,30 +228,30 @@ def import_run(lm: str | None, vision: str | None, audio: str | None, output_dir
             raise ValueError(f"--vision given but model.modalities={model.modalities} has neither video nor images")
         prefix = clip_prefix(srcs["vision"])
         for mod in vis_mods:
-            counts[mod] = _write_encoder(step, srcs["vision"], clip_rules(model, mod, prefix), mod, "--vision", dtype)
+            counts[mod] = _write_encoder(tmp, srcs["vision"], clip_rules(model, mod, prefix), mod, "--vision", dtype)
             parts.append(mod)
     if srcs["audio"] is not None:
         if "audio" not in model.modalities or model.audio.backbone_type != "whisper":
             raise ValueError("--audio needs 'audio' in model.modalities and model.audio.backbone_type=whisper")
         prefix = whisper_prefix(srcs["audio"])
-        counts["audio"] = _write_encoder(step, srcs["audio"], whisper_rules(model, prefix), "audio", "--audio",
+        counts["audio"] = _write_encoder(tmp, srcs["audio"], whisper_rules(model, prefix), "audio", "--audio",
                                          dtype)
         parts.append("audio")
     if srcs["lm"] is not None:
-        counts[layout.LM_PART], tp_layout = _write_lm(step, srcs["lm"], cfg, dtype)
+        counts[layout.LM_PART], tp_layout = _write_lm(tmp, srcs["lm"], cfg, dtype)
         parts.append(layout.LM_PART)
     for src in srcs.values():
         if src is not None:
             src.close()
-    layout.write_manifest(step, {"lm_tp": cfg.parallel.lm_tp, "parts": parts, "num_params": counts,
+    layout.write_manifest(tmp, {"lm_tp": cfg.parallel.lm_tp, "parts": parts, "num_params": counts,
                                  "lm_tp_layout": tp_layout, "sources": dict(model.pretrained)})
     tok = ChatTokenizer.from_config(cfg).to_dict()
     state = {"step": 0, "samples_consumed": 0, "config": config_to_dict(cfg), "tokenizer": tok,
              "chat_template": tok["chat_template"], "special_token_ids": tok["special_tokens"],
              "imported_from": dict(model.pretrained)}
-    ckpt.write_driver_state(step, state)
-    save_config(cfg, step / "config.yaml")
-    final = ckpt.commit(ckpt_dir, step, 0)
+    ckpt.write_driver_state(tmp, state)
+    save_config(cfg, tmp / "config.yaml")
+    final = ckpt.commit(ckpt_dir, tmp, 0)
     save_config(cfg, out / "config.yaml")
     log.info("imported %s into %s in %.1f s", counts, final, time.perf_counter() - t0)
     return cfg, final

@@ -152,7 +152,7 @@ def test_log_mel_matches_whisper_feature_extractor():
     ref = fe(wave.astype(np.float32), sampling_rate=16000, return_tensors="np").input_features[0]
     ours = log_mel(wave.astype(np.float32))
     assert ours.shape == ref.shape == (80, 100)
-    assert float(np.abs(ours - ref).max()) <= 1e-4
+    assert float(np.abs(ours - ref).max()) <= 2e-5  # measured 4.5e-6 (float32 vs float64 STFT)
 
 
 def test_chat_tokenization_equals_apply_chat_template(hf_dirs, tmp_path):
