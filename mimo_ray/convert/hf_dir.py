@@ -109,7 +109,7 @@ class HFDir:
             if handle is None:
                 from safetensors import safe_open
 
-                if len(self._handles) >= 2:  # unmap a shard we moved past: its pages leave this process
+                if self._handles:  # unmap the shard we moved past: its pages leave this process
                     self._handles.pop(next(iter(self._handles)))
                 handle = self._handles[file] = safe_open(file, framework="pt")
             return handle.get_tensor(key)
