@@ -61,7 +61,7 @@ def llama_config(**kw):
 
 def build_hf_dirs(root: Path, names: tuple[str, ...] | None = None) -> dict[str, Path]:
     """Save tiny HF models under ``root``: clip, clip_full (CLIPModel), whisper, llama (untied GQA), llama_tied,
-    llama3 (RoPE scaling), qwen2, llama_small_vocab (HF rows == tokenizer size); ``names`` picks a subset."""
+    llama3 (RoPE scaling), mistral (1 KV group), qwen2, llama_small_vocab (HF rows == tokenizer size); ``names`` picks a subset."""
     want = set(names) if names else None
     out: dict[str, Path] = {}
     vcfg = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
@@ -97,6 +97,10 @@ def build_hf_dirs(root: Path, names: tuple[str, ...] | None = None) -> dict[str,
             llama_config(tie_word_embeddings=True, num_key_value_heads=4)), 4),
         "llama3": lambda: randomize_(transformers.LlamaForCausalLM(
             llama_config(rope_theta=10000.0, rope_scaling=llama3_rope)), 4),
+        "mistral": lambda: randomize_(transformers.MistralForCausalLM(transformers.MistralConfig(
+            vocab_size=48, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=1, max_position_embeddings=256, sliding_window=128, tie_word_embeddings=False,
+            bos_token_id=1, eos_token_id=2)), 4),
         "qwen2": lambda: randomize_(transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
             vocab_size=48, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-6, tie_word_embeddings=True,

@@ -94,6 +94,7 @@ LM_CASES = {
     "llama": {"num_query_groups": 2, "untie_embeddings_and_output_weights": True},
     "llama_tied": {"num_query_groups": 4, "untie_embeddings_and_output_weights": False},
     "llama3": {"rope_scaling_factor": 8.0},
+    "mistral": {"num_query_groups": 1, "untie_embeddings_and_output_weights": True},
     "qwen2": {"qkv_bias": True, "norm_epsilon": 1e-6, "untie_embeddings_and_output_weights": False},
 }
 
