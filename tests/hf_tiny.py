@@ -61,7 +61,8 @@ def llama_config(**kw):
 
 def build_hf_dirs(root: Path, names: tuple[str, ...] | None = None) -> dict[str, Path]:
     """Save tiny HF models under ``root``: clip, clip_full (CLIPModel), whisper, llama (untied GQA), llama_tied,
-    llama3 (RoPE scaling), mistral (1 KV group), qwen2, llama_small_vocab (HF rows == tokenizer size); ``names`` picks a subset."""
+    llama3 (RoPE scaling), mistral (1 KV group), qwen2, llama_small_vocab (HF rows == tokenizer size); ``names``
+    picks a subset."""
     want = set(names) if names else None
     out: dict[str, Path] = {}
     vcfg = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
