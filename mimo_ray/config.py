@@ -59,10 +59,21 @@ class LMConfig:
     add_bias_linear: bool = True
     untie_embeddings_and_output_weights: bool = False
     rotary_base: int = 10000
+    # Epsilon of every norm in the LM (LLaMA 1e-5 or 1e-6, Qwen2 1e-6).
+    norm_epsilon: float = 1e-5
+    # Biases on the q/k/v projection even when add_bias_linear is false (Qwen2).
+    qkv_bias: bool = False
+    # Llama-3 RoPE frequency scaling factor (None: no scaling); Megatron's rule with low/high frequency factors 1 / 4
+    # and an original context of 8192 positions.
+    rope_scaling_factor: float | None = None
+    # The embedding and output layer hold ceil(vocab_size / (this * parallel.lm_tp)) * this * parallel.lm_tp rows;
+    # rows past vocab_size are padding that generation never picks (Megatron's --make-vocab-size-divisible-by).
+    make_vocab_size_divisible_by: int = 1
 
     def __post_init__(self) -> None:
         _check_positive(self, "num_layers", "hidden_size", "num_attention_heads", "vocab_size", "seq_length")
-        _check_positive(self, "ffn_hidden_size", "num_query_groups")
+        _check_positive(self, "ffn_hidden_size", "num_query_groups", "norm_epsilon", "rope_scaling_factor")
+        _check_positive(self, "make_vocab_size_divisible_by", "rotary_base")
         _check_choice("model.lm.position_embedding_type", self.position_embedding_type, ("rope", "learned_absolute"))
         _check_choice("model.lm.normalization", self.normalization, ("LayerNorm", "RMSNorm"))
         if self.hidden_size % self.num_attention_heads:
@@ -70,6 +81,23 @@ class LMConfig:
                 f"model.lm.hidden_size={self.hidden_size} must be divisible by "
                 f"model.lm.num_attention_heads={self.num_attention_heads}"
             )
+        if self.num_query_groups is not None and self.num_attention_heads % self.num_query_groups:
+            raise ValueError(
+                f"model.lm.num_query_groups={self.num_query_groups} must divide "
+                f"model.lm.num_attention_heads={self.num_attention_heads}"
+            )
+        if self.rope_scaling_factor is not None and self.position_embedding_type != "rope":
+            raise ValueError(
+                f"model.lm.rope_scaling_factor={self.rope_scaling_factor} needs model.lm.position_embedding_type=rope"
+            )
+
+    def padded_vocab_size(self, tp: int = 1) -> int:
+        """Rows of the embedding and output layer: ``vocab_size`` rounded up to ``make_vocab_size_divisible_by*tp``."""
+        unit = self.make_vocab_size_divisible_by * tp
+        return -(-self.vocab_size // unit) * unit
+
+
+VISION_ACTIVATIONS = ("gelu", "quick_gelu")
 
 
 @dataclass
@@ -88,9 +116,24 @@ class VisionConfig:
     tokens_per_frame: int = 4
     projector_type: str = "mlp"
     projector_ffn_hidden_size: int | None = None
+    # MLP activation of the ViT: "gelu" (erf) or "quick_gelu" (x * sigmoid(1.702 x), OpenAI CLIP checkpoints).
+    activation: str = "gelu"
+    # Which hidden state feeds the projection, counted like Hugging Face's ``hidden_states``: -1 the last layer,
+    # -2 the penultimate (LLaVA); only ``num_layers + 1 + feature_layer`` layers are built and run.
+    feature_layer: int = -1
+    # Drop the class token (LLaVA); when kept it is the first token of every frame (tokens_per_frame + 1 per frame).
+    drop_class_token: bool = True
+    layernorm_epsilon: float = 1e-5
 
     def __post_init__(self) -> None:
         _check_choice("model.vision.backbone_type", self.backbone_type, ("clip",))
+        _check_choice("model.vision.activation", self.activation, VISION_ACTIVATIONS)
+        _check_positive(self, "layernorm_epsilon")
+        if not -self.num_layers <= self.feature_layer <= -1:
+            raise ValueError(
+                f"model.vision.feature_layer={self.feature_layer} must be within [-{self.num_layers}, -1] "
+                f"(-1: last layer, -2: penultimate)"
+            )
         _check_choice("model.vision.projector_type", self.projector_type, ("mlp", "affine"))
         _check_positive(self, "num_layers", "hidden_size", "num_attention_heads", "patch_dim", "img_size")
         _check_positive(self, "num_frames", "tokens_per_frame", "ffn_hidden_size", "projector_ffn_hidden_size")
@@ -110,6 +153,16 @@ class VisionConfig:
     def grid(self) -> int:
         """Patches per side of a frame."""
         return self.img_size // self.patch_dim
+
+    @property
+    def built_layers(self) -> int:
+        """Transformer layers actually built (the ones up to ``feature_layer``)."""
+        return self.num_layers + 1 + self.feature_layer
+
+    @property
+    def tokens_out_per_frame(self) -> int:
+        """Embedding rows one frame yields: the pooled patches plus the class token when it is kept."""
+        return self.tokens_per_frame + (0 if self.drop_class_token else 1)
 
 
 @dataclass
@@ -132,9 +185,11 @@ class AudioConfig:
     audio_seq_len: int = 8
     projector_type: str = "mlp"
     projector_ffn_hidden_size: int | None = None
+    layernorm_epsilon: float = 1e-5
 
     def __post_init__(self) -> None:
         _check_choice("model.audio.backbone_type", self.backbone_type, ("whisper", "beats"))
+        _check_positive(self, "layernorm_epsilon")
         _check_choice("model.audio.projector_type", self.projector_type, ("mlp", "affine"))
         _check_positive(self, "num_layers", "hidden_size", "num_attention_heads", "sample_rate", "clip_seconds")
         _check_positive(self, "n_mels", "hop_length", "n_fft", "fbank_bins", "patch_size", "audio_seq_len")
@@ -254,6 +309,9 @@ class OutputsConfig:
         return {n: getattr(self, n) for n in OUTPUT_NAMES if getattr(self, n).enabled}
 
 
+FREEZABLE = ("vision", "audio", "lm", "projections")
+
+
 @dataclass
 class ModelConfig:
     """The MIMO model: LM, encoders, attention backend, precision and the special tokens."""
@@ -271,9 +329,18 @@ class ModelConfig:
     init_method_std: float = 0.02
     recompute: bool = False
     outputs: OutputsConfig = field(default_factory=OutputsConfig)
+    # Parts that do not train (staged training): any of vision, audio, lm, projections. A frozen encoder runs
+    # forward-only under no_grad; frozen parts keep no optimizer state.
+    freeze: list[str] = field(default_factory=list)
+    # Where the weights came from (jobs/convert.py import): {"lm" | "vision" | "audio": local Hugging Face dir}.
+    pretrained: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _check_choice("model.attention_backend", self.attention_backend, ("sdpa", "local", "te"))
+        for part in self.freeze:
+            _check_choice("model.freeze[]", part, FREEZABLE)
+        for part in self.pretrained:
+            _check_choice("model.pretrained key", part, ("lm", "vision", "audio"))
         _check_choice("model.params_dtype", self.params_dtype, ("fp32", "bf16", "fp16"))
         for mod in self.modalities:
             _check_choice("model.modalities[]", mod, MODALITIES)
@@ -307,6 +374,9 @@ class DataConfig:
     data_path: str | None = None
     val_path: str | None = None
     tokenizer: str = "byte"
+    # Chat template: None (the built-in "<bos><|user|>{human}<|assistant|>{answer}<eos>"), a template string or a
+    # file holding one ({human}/{answer} placeholders, or a Hugging Face Jinja template), or "none" (raw text).
+    chat_template: str | None = None
     micro_batch_size: int = 4
     global_batch_size: int = 8
     num_decode_workers: int = 2

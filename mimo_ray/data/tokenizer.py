@@ -39,6 +39,10 @@ SPECIAL_TOKENS: dict[str, int] = {
 MODALITY_TAGS: dict[str, str] = {"video": "<video>", "audio": "<audio>", "images": "<image>"}
 TAG_MODALITIES: dict[str, str] = {tag: mod for mod, tag in MODALITY_TAGS.items()}
 DEFAULT_CHAT_TEMPLATE = "<bos><|user|>{human}<|assistant|>{answer}<eos>"
+#: ``data.chat_template`` value for raw text: the prompt is the human text as the tokenizer encodes it alone.
+RAW_TEMPLATE = "none"
+#: Beside a ``tokenizer.json``: which of its ids play ``<bos>``, ``<eos>``, ``<pad>``, ``<video>``… (written by import).
+SPECIAL_NAMES_FILE = "mimo_special_tokens.json"
 IGNORE_INDEX = -100
 FORMAT = "mimo_ray.chat_tokenizer/v1"
 
@@ -111,10 +115,15 @@ class HFTokenizer:
 
     @classmethod
     def from_file(cls, path: str | Path) -> HFTokenizer:
+        """Read a ``tokenizer.json``; a sibling :data:`SPECIAL_NAMES_FILE` fixes the special-token ids."""
+        import json
+
         path = Path(path)
         if not path.is_file():
             raise ValueError(f"data.tokenizer={str(path)!r}: no such tokenizer.json file")
-        return cls(path.read_text(encoding="utf-8"))
+        names = path.parent / SPECIAL_NAMES_FILE
+        special = {k: int(v) for k, v in json.loads(names.read_text()).items()} if names.is_file() else None
+        return cls(path.read_text(encoding="utf-8"), special)
 
     @property
     def vocab_size(self) -> int:
@@ -122,6 +131,11 @@ class HFTokenizer:
 
     def encode_text(self, text: str) -> list[int]:
         return list(self._tok.encode(text, add_special_tokens=False).ids) if text else []
+
+    def encode_with_offsets(self, text: str, add_special_tokens: bool = False) -> tuple[list[int], list[int]]:
+        """Ids of ``text`` (added tokens matched, as transformers does) and each token's first character offset."""
+        enc = self._tok.encode(text, add_special_tokens=add_special_tokens)
+        return list(enc.ids), [start for start, _ in enc.offsets]
 
     def decode(self, ids: list[int]) -> str:
         base = self._tok.get_vocab_size(with_added_tokens=True)
@@ -233,7 +247,9 @@ class ChatTokenizer:
         self.chat_template = chat_template
         self.pad_id = text.special_tokens["<pad>"]
         self.eos_id = text.special_tokens["<eos>"]
-        self._segments = self._parse_template(chat_template)
+        self.mode = template_mode(chat_template)
+        self._segments = self._parse_template(chat_template) if self.mode == "simple" else []
+        self._jinja = self._compile_jinja(chat_template) if self.mode == "jinja" else None
 
     # ----- construction / persistence
     @classmethod
@@ -262,7 +278,11 @@ class ChatTokenizer:
                 f"model.lm.vocab_size={cfg.model.lm.vocab_size} is smaller than the {text.vocab_size} ids of "
                 f"tokenizer {cfg.data.tokenizer!r}"
             )
-        return cls(text, placeholders, cfg.model.lm.seq_length)
+        return cls(text, placeholders, cfg.model.lm.seq_length, resolve_template(cfg.data.chat_template))
+
+    def with_template(self, chat_template: str | None) -> ChatTokenizer:
+        """The same tokenizer with another template (a ``data.chat_template`` value: text, file, ``none``)."""
+        return ChatTokenizer(self.text, self.placeholders, self.seq_length, resolve_template(chat_template))
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able state: text tokenizer, chat template, special-token ids, placeholder counts, seq_length."""
@@ -303,6 +323,95 @@ class ChatTokenizer:
                 segments.append(("text", part))
         return segments
 
+    # ----- Jinja (Hugging Face) templates and raw text
+    def _compile_jinja(self, template: str) -> Any:
+        import json
+
+        from jinja2.ext import loopcontrols
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        if not isinstance(self.text, HFTokenizer):
+            raise ValueError("a Jinja chat template needs a Hugging Face tokenizer (data.tokenizer=<tokenizer.json>)")
+
+        def raise_exception(message: str) -> None:
+            raise TokenizeError("manifest", f"chat template: {message}")
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+        env.filters["tojson"] = lambda x, indent=None, **_: json.dumps(x, indent=indent, ensure_ascii=False)
+        env.globals["raise_exception"] = raise_exception
+        return env.from_string(template)
+
+    def _render(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+        names = {}
+        for name, key in (("<bos>", "bos_token"), ("<eos>", "eos_token"), ("<pad>", "pad_token")):
+            if name in self.text.special_tokens:
+                names[key] = self.text._tok.id_to_token(self.text.special_tokens[name])
+        return self._jinja.render(messages=messages, add_generation_prompt=add_generation_prompt, **names)
+
+    def _expand_tags(self, ids: list[int], target: list[bool]) -> tuple[list[int], list[bool]]:
+        """Each modality tag id → its placeholder token repeated ``tokens per sample`` times."""
+        tag_ids = {self.text.special_tokens[MODALITY_TAGS[m]]: m for m in MODALITY_TAGS
+                   if MODALITY_TAGS[m] in self.text.special_tokens}
+        out_ids: list[int] = []
+        out_target: list[bool] = []
+        for tok, tgt in zip(ids, target, strict=True):
+            mod = tag_ids.get(tok)
+            if mod is None:
+                out_ids.append(tok)
+                out_target.append(tgt)
+                continue
+            if mod not in self.placeholders:
+                raise TokenizeError("tags", f"{MODALITY_TAGS[mod]} tag but the model's modalities are "
+                                            f"{sorted(self.placeholders)}")
+            token, count = self.placeholders[mod]
+            out_ids += [token] * count
+            out_target += [False] * count
+        return out_ids, out_target
+
+    def _check_tags_tokenized(self, text: str) -> None:
+        for tag in _TAG_RE.findall(text):
+            if self.text._tok.token_to_id(tag) is None:
+                raise TokenizeError("tags", f"{tag} is not a token of the tokenizer; import the LM with "
+                                            f"jobs/convert.py, which adds the modality tags")
+
+    def _encode_jinja(self, turns: list[tuple[str, str | None]], open_last: bool) -> tuple[list[int], list[bool], int]:
+        messages: list[dict[str, str]] = []
+        spans: list[tuple[int, int, str]] = []
+        for k, (human, answer) in enumerate(turns):
+            messages.append({"role": "user", "content": human})
+            if open_last and k == len(turns) - 1:
+                break
+            self._encode_answer(answer or "")
+            start = len(self._render(messages, True))
+            messages.append({"role": "assistant", "content": answer or ""})
+            rendered = self._render(messages, False)
+            spans.append((start, len(rendered), rendered))
+        text = self._render(messages, open_last)
+        for _, end, rendered in spans:
+            if text[:end] != rendered:
+                raise ValueError("the chat template renders earlier turns differently once later turns follow; "
+                                 "it cannot mark the answers to train on")
+        self._check_tags_tokenized(text)
+        ids, offsets = self.text.encode_with_offsets(text)
+        target = [any(a <= off < b for a, b, _ in spans) for off in offsets]
+        ids, target = self._expand_tags(ids, target)
+        return ids, target, len(ids)
+
+    def _encode_raw(self, turns: list[tuple[str, str | None]], open_last: bool) -> tuple[list[int], list[bool], int]:
+        human, answer = turns[-1]
+        if isinstance(self.text, HFTokenizer):
+            self._check_tags_tokenized(human)
+            ids, _ = self.text.encode_with_offsets(human, add_special_tokens=True)
+            ids, target = self._expand_tags(ids, [False] * len(ids))
+        else:
+            ids = self._encode_human(human)
+            target = [False] * len(ids)
+        prompt_len = len(ids)
+        if not open_last:
+            chunk = self._encode_answer(answer or "") + [self.eos_id]
+            ids, target = ids + chunk, target + [True] * len(chunk)
+        return ids, target, prompt_len
+
     # ----- encoding
     def _encode_human(self, text: str) -> list[int]:
         ids: list[int] = []
@@ -325,6 +434,10 @@ class ChatTokenizer:
         return self.text.encode_text(text)
 
     def _encode_turns(self, turns: list[tuple[str, str | None]], open_last: bool) -> tuple[list[int], list[bool], int]:
+        if self.mode == "jinja":
+            return self._encode_jinja(turns, open_last)
+        if self.mode == "raw":
+            return self._encode_raw(turns, open_last)
         ids: list[int] = []
         target: list[bool] = []
         prompt_len = 0
@@ -394,6 +507,30 @@ class ChatTokenizer:
         if stop_at_eos and self.eos_id in ids:
             ids = ids[: ids.index(self.eos_id)]
         return self.text.decode(ids)
+
+
+def template_mode(chat_template: str) -> str:
+    """``raw`` (:data:`RAW_TEMPLATE`), ``jinja`` (a Hugging Face template) or ``simple`` (``{human}``/``{answer}``)."""
+    if chat_template == RAW_TEMPLATE:
+        return "raw"
+    return "jinja" if "{%" in chat_template or "{{" in chat_template else "simple"
+
+
+def resolve_template(value: str | None) -> str:
+    """A ``data.chat_template`` value → template text: ``None`` is the default, an existing file is read.
+
+    Raises:
+        ValueError: naming ``data.chat_template`` when a path-like value names no file.
+    """
+    if value is None:
+        return DEFAULT_CHAT_TEMPLATE
+    if value == RAW_TEMPLATE or "{" in value:
+        return value
+    path = Path(value)
+    if path.is_file():
+        return path.read_text(encoding="utf-8")
+    raise ValueError(f"data.chat_template={value!r} is neither a template (with {{human}}/{{answer}} or Jinja), "
+                     f"'none', nor an existing file")
 
 
 def pack_encodings(encodings: list[Encoded], seq_length: int, pad_id: int) -> list[dict[str, Any]]:

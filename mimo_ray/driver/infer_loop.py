@@ -63,8 +63,40 @@ def answer_correct(prediction: str, answer: str | None) -> bool | None:
     return prediction.strip().lower() == answer.strip().lower()
 
 
+def write_prompt_manifest(prompts: list[str], media: dict[str, str], path: Path,
+                          modalities: list[str] | None = None) -> Path:
+    """Command-line prompts → a manifest (one human turn each; media for a single prompt, its tag prepended when the
+    text lacks it; a video's own audio track stands in for ``--audio`` when the model has an audio modality).
+
+    Raises:
+        ValueError: media with more than one prompt, or a media file that does not exist.
+    """
+    from mimo_ray.data.tokenizer import MODALITY_TAGS
+
+    tags = {"video": MODALITY_TAGS["video"], "audio": MODALITY_TAGS["audio"], "image": MODALITY_TAGS["images"]}
+    if media and len(prompts) != 1:
+        raise ValueError(f"--video/--audio/--image go with exactly one --prompt, got {len(prompts)} prompts")
+    rows = []
+    for i, text in enumerate(prompts):
+        row: dict[str, Any] = {"id": f"prompt-{i}"}
+        for field, file in media.items():
+            if not Path(file).is_file():
+                raise ValueError(f"--{field} {file!r} does not exist")
+            row[field] = str(Path(file).resolve())
+            if tags[field] not in text:
+                text = f"{tags[field]}\n{text}"
+        if "video" in media and "audio" not in media and "audio" in (modalities or []) and tags["audio"] not in text:
+            text = f"{tags['audio']}{text}"  # the manifest reader takes the audio from the video file
+        row["conversations"] = [{"from": "human", "value": text}]
+        rows.append(row)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
 def run_inference(
-    cli: Config, ckpt: str, data_path: str, output: str, resume: bool = False, use_cache: bool = True
+    cli: Config, ckpt: str, data_path: str, output: str, resume: bool = False, use_cache: bool = True,
+    chat_template: str | None = None,
 ) -> dict[str, Any]:
     """Generate for every row of ``data_path`` and write ``output`` JSONL.
 
@@ -77,6 +109,7 @@ def run_inference(
             ``audio_out`` rows) writes PNG / WAV files instead, see :mod:`mimo_ray.driver.output_infer`.
         resume: skip ids already in ``output``.
         use_cache: KV-cache generation (``False``: re-run the whole prefix per token, the naive baseline).
+        chat_template: replaces the checkpoint's template (a ``data.chat_template`` value; ``none``: raw text).
 
     Returns:
         Summary: counts, samples/s, tokens/s, accuracy when answers are known.
@@ -89,6 +122,8 @@ def run_inference(
     cfg = config_for_checkpoint(cli, step_dir)
     state = json.loads((step_dir / "driver.json").read_text())
     tokenizer = ChatTokenizer.from_dict(state["tokenizer"]) if "tokenizer" in state else ChatTokenizer.from_config(cfg)
+    if chat_template is not None:
+        tokenizer = tokenizer.with_template(chat_template)
     out = Path(output)
     out.parent.mkdir(parents=True, exist_ok=True)
     done = read_done(out) if resume else set()
@@ -130,7 +165,8 @@ def run_inference(
                     answer = (result.get("answers") or [None] * len(result["ids"]))[i]
                     correct = answer_correct(text, answer)
                     row = {"id": sample_id, "prediction": text, "answer": answer, "correct": correct,
-                           "num_generated_tokens": len(result["tokens"][i])}
+                           "num_generated_tokens": len(result["tokens"][i]),
+                           "token_ids": [int(t) for t in result["tokens"][i]]}
                     meta = (result.get("meta") or [None] * len(result["ids"]))[i]
                     if meta:
                         row.update({k: v for k, v in meta.items() if k not in row})

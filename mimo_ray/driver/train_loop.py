@@ -308,6 +308,8 @@ class TrainLoop:
             "checkpoint": str(last_ckpt),
             "plot": str(plot) if plot else None,
             "runtime": self.cfg.train.runtime,
+            **(self.runtime.param_counts() if hasattr(self.runtime, "param_counts") else {}),
+            "frozen_parts": list(self.cfg.model.freeze),
         }
         import json
 

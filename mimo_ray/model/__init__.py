@@ -28,14 +28,15 @@ def build_fused_model(cfg: Config) -> MimoRayModel:
 
     Megatron must be initialised in this process first (:func:`mimo_ray.parallel.megatron_setup.init_megatron`).
     """
-    return MimoRayModel(mimo_config(cfg.model), init_seed=cfg.train.seed, model_cfg=cfg.model)
+    return MimoRayModel(mimo_config(cfg.model, lm_tp=cfg.parallel.lm_tp), init_seed=cfg.train.seed, model_cfg=cfg.model)
 
 
 def build_lm_part(cfg: Config) -> MimoRayModel:
     """The language-model half: a ``MimoModel`` without modality submodules, same weights as the fused one (output
     decoders included when ``model.outputs`` enables any: they live beside the LM).
     """
-    return MimoRayModel(mimo_config(cfg.model, modalities=[]), init_seed=cfg.train.seed, model_cfg=cfg.model)
+    spec = mimo_config(cfg.model, modalities=[], lm_tp=cfg.parallel.lm_tp)
+    return MimoRayModel(spec, init_seed=cfg.train.seed, model_cfg=cfg.model)
 
 
 def build_decoder_part(cfg: Config) -> OutputDecoders:

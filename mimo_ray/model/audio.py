@@ -58,7 +58,8 @@ class WhisperEncoder(torch.nn.Module):
         self.conv1 = torch.nn.Conv1d(n_mels, hidden, kernel_size=3, padding=1, dtype=dtype)
         self.conv2 = torch.nn.Conv1d(hidden, hidden, kernel_size=3, stride=2, padding=1, dtype=dtype)
         self.num_positions = (num_frames - 1) // 2 + 1
-        self.register_buffer("positions", sinusoids(self.num_positions, hidden).to(dtype), persistent=False)
+        # Persistent: a checkpoint's table (pretrained ones are fp16-rounded) survives save / resume / import.
+        self.register_buffer("positions", sinusoids(self.num_positions, hidden).to(dtype), persistent=True)
         self.block = TransformerBlock(transformer_config, transformer_layer_spec, pre_process=True, post_process=True)
         self.audio_seq_len = audio_seq_len
 

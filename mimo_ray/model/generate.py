@@ -366,6 +366,7 @@ def generate(
     total = ids.shape[1] + max_new_tokens
     runner = (_CachedLM if use_cache else _FullLM)(model_lm, _Batch(ids, pad, total), chunks, total)
     suppressed = torch.tensor(sorted(set(model_lm.special_token_ids.values())), dtype=torch.long, device=device)
+    vocab = getattr(model_lm, "text_vocab_size", None)  # rows past it are vocabulary padding, never generated
 
     num_samples = ids.shape[0]
     tokens: list[list[int]] = [[] for _ in range(num_samples)]
@@ -379,6 +380,8 @@ def generate(
         num_forward += 1
         for step in range(max_new_tokens):
             logits = logits.float()
+            if vocab is not None:
+                logits = logits[:, :vocab]
             model_logprobs = torch.log_softmax(logits, dim=-1)
             logits[:, suppressed] = float("-inf")
             picked = sample_next(logits, temperature=temperature, top_p=top_p, generator=generator)

@@ -42,11 +42,15 @@ def random_batch(cfg: Config, batch_size: int, seed: int, text_len: int | None =
         prefix += [model.special_token_ids[mod]] * tokens_per_sample(cfg, mod)
     if len(prefix) >= seq:
         raise ValueError(f"model.lm.seq_length={seq} leaves no room for text after {len(prefix)} placeholder tokens")
+    # Text never draws a modality's placeholder id (small imported vocabularies put them below 256).
+    specials = torch.tensor(sorted({model.special_token_ids[m] for m in model.modalities}), dtype=torch.long)
+    filler = next(i for i in range(text_vocab + len(specials) + 1) if i not in specials.tolist())
     for b in range(batch_size):
         room = seq - len(prefix)
         n_text = text_len if text_len is not None else int(torch.randint(room // 2, room + 1, (1,), generator=gen))
         n_text = min(n_text, room)
         text = torch.randint(0, text_vocab, (n_text,), generator=gen)
+        text[torch.isin(text, specials)] = filler
         row = torch.tensor(prefix + text.tolist(), dtype=torch.long)
         input_ids[b, : row.numel()] = row
         # Predict every text token (targets at positions len(prefix)-1 .. end-2).

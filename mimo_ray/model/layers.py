@@ -30,6 +30,14 @@ from mimo_ray.model.attention import SDPAttention
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    """OpenAI CLIP's activation ``x * sigmoid(1.702 x)``; a plain function (Megatron's goes through torch.compile)."""
+    return x * torch.sigmoid(1.702 * x)
+
+
+ACTIVATIONS = {"gelu": F.gelu, "quick_gelu": quick_gelu}
+
+
 def te_available() -> bool:
     """Whether transformer-engine can be imported here (never on our CPU machines)."""
     return importlib.util.find_spec("transformer_engine") is not None
@@ -46,6 +54,9 @@ def transformer_config(
     normalization: str = "LayerNorm",
     swiglu: bool = False,
     add_bias_linear: bool = True,
+    activation: str = "gelu",
+    layernorm_epsilon: float = 1e-5,
+    qkv_bias: bool = False,
 ) -> TransformerConfig:
     """A Megatron ``TransformerConfig`` for one transformer of the model.
 
@@ -59,6 +70,9 @@ def transformer_config(
         normalization: ``LayerNorm`` or ``RMSNorm``.
         swiglu: gated SiLU MLP (LLaMA/Vicuna) instead of GELU.
         add_bias_linear: biases in linear layers.
+        activation: MLP activation without SwiGLU, ``gelu`` or ``quick_gelu``.
+        layernorm_epsilon: epsilon of every norm.
+        qkv_bias: biases on the q/k/v projection even without ``add_bias_linear``.
 
     Returns:
         The config, with CPU initialisation so weights are identical for any device and TP size.
@@ -72,8 +86,10 @@ def transformer_config(
         ffn_hidden_size=ffn_hidden_size or 4 * hidden_size,
         normalization=normalization,
         gated_linear_unit=swiglu,
-        activation_func=F.silu if swiglu else F.gelu,
+        activation_func=F.silu if swiglu else ACTIVATIONS[activation],
         add_bias_linear=add_bias_linear,
+        add_qkv_bias=qkv_bias,
+        layernorm_epsilon=layernorm_epsilon,
         hidden_dropout=model.hidden_dropout,
         attention_dropout=model.attention_dropout,
         init_method_std=model.init_method_std,

@@ -82,6 +82,8 @@ class MimoRayModel(MimoModel):
         self.output_decoders: OutputDecoders | None = None
         #: ``{output name: generation token id}`` (kept when the decoders run elsewhere, see ``drop_decoders``).
         self.generation_token_ids: dict[str, int] = {}
+        #: Real vocabulary size: logits past it are padding (``model.lm.make_vocab_size_divisible_by``).
+        self.text_vocab_size: int | None = model_cfg.lm.vocab_size if model_cfg is not None else None
         if model_cfg is not None and model_cfg.outputs.active():
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(part_seed(init_seed, "output_decoders"))

@@ -33,17 +33,17 @@ def tokens_per_sample(cfg: Config | ModelConfig, modality: str) -> int:
         modality: ``video``, ``images`` or ``audio``.
 
     Returns:
-        Rows per sample: ``num_frames * tokens_per_frame`` for video, ``tokens_per_frame`` for an image,
-        ``audio_seq_len`` for audio.
+        Rows per sample: ``num_frames * tokens_out_per_frame`` for video, ``tokens_out_per_frame`` for an image
+        (``tokens_per_frame``, plus one when the class token is kept), ``audio_seq_len`` for audio.
 
     Raises:
         ValueError: for an unknown modality.
     """
     model = cfg.model if isinstance(cfg, Config) else cfg
     if modality == "video":
-        return model.vision.num_frames * model.vision.tokens_per_frame
+        return model.vision.num_frames * model.vision.tokens_out_per_frame
     if modality == "images":
-        return model.vision.tokens_per_frame
+        return model.vision.tokens_out_per_frame
     if modality == "audio":
         return model.audio.audio_seq_len
     raise ValueError(f"unknown modality {modality!r}; known: video, images, audio")
@@ -87,10 +87,12 @@ def _vision_encoder_spec(model: ModelConfig) -> ModuleSpec:
     v = model.vision
     config = transformer_config(
         model,
-        num_layers=v.num_layers,
+        num_layers=v.built_layers,
         hidden_size=v.hidden_size,
         num_attention_heads=v.num_attention_heads,
         ffn_hidden_size=v.ffn_hidden_size,
+        activation=v.activation,
+        layernorm_epsilon=v.layernorm_epsilon,
     )
     return ModuleSpec(
         module=FrameCLIPEncoder,
@@ -100,6 +102,7 @@ def _vision_encoder_spec(model: ModelConfig) -> ModuleSpec:
             "patch_dim": v.patch_dim,
             "img_size": v.img_size,
             "tokens_per_frame": v.tokens_per_frame,
+            "drop_class_token": v.drop_class_token,
         },
     )
 
@@ -112,6 +115,7 @@ def _audio_encoder_spec(model: ModelConfig) -> ModuleSpec:
         hidden_size=a.hidden_size,
         num_attention_heads=a.num_attention_heads,
         ffn_hidden_size=a.ffn_hidden_size,
+        layernorm_epsilon=a.layernorm_epsilon,
     )
     common = {
         "transformer_config": config,
@@ -151,8 +155,13 @@ def modality_spec(model: ModelConfig, modality: str) -> ModuleSpec:
     raise ValueError(f"unknown modality {modality!r}; known: video, images, audio")
 
 
-def language_model_spec(model: ModelConfig) -> ModuleSpec:
-    """Megatron ``GPTModel`` spec."""
+def language_model_spec(model: ModelConfig, lm_tp: int = 1) -> ModuleSpec:
+    """Megatron ``GPTModel`` spec.
+
+    Args:
+        model: the model section.
+        lm_tp: ``parallel.lm_tp``; the vocabulary is padded for it (the same rows for every runtime).
+    """
     lm = model.lm
     config = transformer_config(
         model,
@@ -164,31 +173,36 @@ def language_model_spec(model: ModelConfig) -> ModuleSpec:
         normalization=lm.normalization,
         swiglu=lm.swiglu,
         add_bias_linear=lm.add_bias_linear,
+        layernorm_epsilon=lm.norm_epsilon,
+        qkv_bias=lm.qkv_bias,
     )
     return ModuleSpec(
         module=GPTModel,
         params={
             "config": config,
             "transformer_layer_spec": layer_spec(model.attention_backend, causal=True),
-            "vocab_size": lm.vocab_size,
+            "vocab_size": lm.padded_vocab_size(lm_tp),
             "max_sequence_length": lm.seq_length,
             "position_embedding_type": lm.position_embedding_type,
             "share_embeddings_and_output_weights": not lm.untie_embeddings_and_output_weights,
             "rotary_base": lm.rotary_base,
+            "rope_scaling": lm.rope_scaling_factor is not None,
+            "rope_scaling_factor": lm.rope_scaling_factor or 8.0,
             "pre_process": True,
             "post_process": True,
         },
     )
 
 
-def mimo_config(model: ModelConfig, modalities: list[str] | None = None) -> MimoModelConfig:
-    """``MimoModelConfig`` with the given input modalities (all configured ones when ``None``; ``[]`` = LM only).
+def mimo_config(model: ModelConfig, modalities: list[str] | None = None, lm_tp: int = 1) -> MimoModelConfig:
+    """``MimoModelConfig`` with the given input modalities (all configured ones when ``None``; ``[]`` = LM only);
+    ``lm_tp`` (``parallel.lm_tp``) sets the vocabulary padding.
 
     Special token ids always cover every configured modality, so an LM-only model still aligns their rows.
     """
     modalities = list(model.modalities) if modalities is None else modalities
     return MimoModelConfig(
-        language_model_spec=language_model_spec(model),
+        language_model_spec=language_model_spec(model, lm_tp),
         modality_submodules_spec={m: modality_spec(model, m) for m in modalities},
         special_token_ids={m: model.special_token_ids[m] for m in model.modalities},
     )

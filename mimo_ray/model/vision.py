@@ -1,7 +1,9 @@
 """CLIP ViT (Megatron ``CLIPViTModel``) applied per frame, spatially pooled to a fixed token count per frame.
 
-Video ``[B, T, 3, H, W]`` (or images ``[B, 3, H, W]``) → ViT per frame → drop class token → patch grid
-``[B*T, g, g, Hv]`` → adaptive average pool to ``s x s`` → ``[B, T*s*s, Hv]`` (batch-major, frame-major rows).
+Video ``[B, T, 3, H, W]`` (or images ``[B, 3, H, W]``) → ViT per frame (its first ``num_layers + 1 + feature_layer``
+layers: LLaVA reads the penultimate one) → patch grid ``[B*T, g, g, Hv]`` → adaptive average pool to ``s x s`` →
+``[B, T*s*s, Hv]`` (batch-major, frame-major rows); with ``drop_class_token=False`` each frame's class token comes
+first (``[B, T*(1+s*s), Hv]``).
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ class FrameCLIPEncoder(torch.nn.Module):
         transformer_layer_spec: ViT layer spec (bidirectional attention).
         patch_dim: patch side in pixels.
         img_size: frame side in pixels (frames are square).
-        tokens_per_frame: output tokens per frame, a square number ``s*s <= (img_size/patch_dim)**2``.
+        tokens_per_frame: pooled patch tokens per frame, a square number ``s*s <= (img_size/patch_dim)**2``.
+        drop_class_token: drop the class token (else it precedes each frame's patch tokens).
     """
 
     def __init__(
@@ -34,6 +37,7 @@ class FrameCLIPEncoder(torch.nn.Module):
         patch_dim: int,
         img_size: int,
         tokens_per_frame: int,
+        drop_class_token: bool = True,
     ) -> None:
         super().__init__()
         with building_on_cpu():
@@ -50,6 +54,7 @@ class FrameCLIPEncoder(torch.nn.Module):
             )
         self.grid = img_size // patch_dim
         self.pool_side = round(tokens_per_frame**0.5)
+        self.drop_class_token = drop_class_token
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Encode frames.
@@ -58,7 +63,7 @@ class FrameCLIPEncoder(torch.nn.Module):
             pixel_values: ``[B, T, 3, H, W]`` video or ``[B, 3, H, W]`` images, normalised.
 
         Returns:
-            ``[B, T * tokens_per_frame, Hv]``.
+            ``[B, T * tokens_per_frame, Hv]`` (``[B, T * (1 + tokens_per_frame), Hv]`` keeping the class token).
         """
         if pixel_values.dim() == 4:
             pixel_values = pixel_values.unsqueeze(1)
@@ -74,4 +79,6 @@ class FrameCLIPEncoder(torch.nn.Module):
         if self.pool_side != self.grid:
             grid = F.adaptive_avg_pool2d(grid, self.pool_side)
         tokens = grid.flatten(2).transpose(1, 2)  # [B*T, s*s, Hv]
-        return tokens.reshape(b, t * self.pool_side * self.pool_side, hv)
+        if not self.drop_class_token:
+            tokens = torch.cat([hidden[:, :1, :], tokens], dim=1)  # [B*T, 1 + s*s, Hv]
+        return tokens.reshape(b, t * tokens.shape[1], hv)

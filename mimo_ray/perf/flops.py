@@ -72,8 +72,8 @@ def vision_forward_flops(v: VisionConfig, lm_hidden: int, frames: int) -> dict[s
     tokens = patches + 1  # class token
     ffn = v.ffn_hidden_size or 4 * v.hidden_size
     per_frame = 2 * patches * (3 * v.patch_dim * v.patch_dim) * v.hidden_size
-    per_frame += v.num_layers * transformer_layer_flops(tokens, v.hidden_size, ffn, v.num_attention_heads)
-    out_tokens = frames * v.tokens_per_frame
+    per_frame += v.built_layers * transformer_layer_flops(tokens, v.hidden_size, ffn, v.num_attention_heads)
+    out_tokens = frames * v.tokens_out_per_frame
     proj = projector_flops(out_tokens, v.hidden_size, lm_hidden, v.projector_ffn_hidden_size, v.projector_type)
     return {"encoder": frames * per_frame, "projector": proj}
 

@@ -112,6 +112,7 @@ class DisaggregatedRuntime:
         if self.transport.needs_tensor_transport and not direct:
             raise ValueError(f"transport {self.transport.name} needs actors created with Ray Direct Transport")
         infos = get([ref for g in self.groups for ref in g.setup_async(self.transport.payload_format, wait)], wait)
+        self._setup_infos = infos
         lm_infos = infos[-len(self.lm_group) :]
         # LM actors by data-parallel rank, each list ordered by TP rank (TP rank 0 returns the gradients).
         self.lm_by_dp: dict[int, list[Any]] = {}
@@ -286,6 +287,11 @@ class DisaggregatedRuntime:
     def use_random_data(self) -> None:
         """Reset every encoder rank to fresh random streams (the default before ``set_data_iterators``)."""
         self.set_data_iterators(random_streams(self.cfg))
+
+    def param_counts(self) -> dict[str, int]:
+        """``{"trainable_params", "frozen_params"}`` of the whole model, from every group's DP-rank-0 ranks."""
+        ranks = [i for i in self._setup_infos if i["dp_rank"] == 0]
+        return {k: sum(i[k] for i in ranks) for k in ("trainable_params", "frozen_params")}
 
     def save_checkpoint(self, path: str) -> None:
         """Every group writes ``<path>/<group>/tp<r>.pt`` (model + optimizer, DP rank 0 of each TP rank)."""

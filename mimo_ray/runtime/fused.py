@@ -24,7 +24,7 @@ class FusedRuntime:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self.stage = FusedStage(cfg)
-        self.stage.setup()
+        self.info = self.stage.setup()
         self._iterators: list | None = None
 
     def set_data_iterators(self, iterators: list) -> None:
@@ -59,6 +59,10 @@ class FusedRuntime:
         """Loss over the micro-batches without gradients."""
         batches = self._pull() if microbatches is None else microbatches
         return summarize([self.stage.forward_only(mb) for mb in batches])
+
+    def param_counts(self) -> dict[str, int]:
+        """``{"trainable_params", "frozen_params"}`` of the whole model (``model.freeze``)."""
+        return {k: self.info[k] for k in ("trainable_params", "frozen_params")}
 
     def save_checkpoint(self, path: str) -> None:
         """``<path>/fused/tp0.pt``: model and optimizer state."""

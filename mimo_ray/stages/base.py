@@ -20,7 +20,10 @@ import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from mimo_ray.config import Config
+from mimo_ray.convert.layout import is_imported, load_imported
+from mimo_ray.model.freeze import freeze_parts
 from mimo_ray.parallel.megatron_setup import init_megatron, seed_everything
+from mimo_ray.parallel.tp_shards import unshard
 from mimo_ray.stages.optim import (
     clip_coefficient,
     divide_grads,
@@ -122,7 +125,7 @@ class Stage:
             payload_format: ``numpy`` (object store) or ``torch`` (Ray Direct Transport), see ``payload.py``.
 
         Returns:
-            ``{"rank", "dp_rank", "tp_rank", "num_params"}``.
+            ``{"rank", "dp_rank", "tp_rank", "num_params", "trainable_params", "frozen_params"}`` (this rank's).
         """
         from megatron.core import parallel_state
 
@@ -136,12 +139,19 @@ class Stage:
         self.tp_rank = parallel_state.get_tensor_model_parallel_rank()
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.module = cast_module(self.build_module(), self.dtype).to(self.device)
-        # An encoder group with no input modality (output tasks only) has no parameters, hence no optimizer: it still
-        # reads the data stream and routes the tokens and targets to the LM group.
-        params = list(self.module.parameters())
+        freeze_parts(self.module, self.cfg.model, self.name_prefix)
+        # Each element of the full model counted once: TP shards on every TP rank, replicated tensors on TP rank 0.
+        counts = {"trainable": 0, "frozen": 0}
+        for p in self.module.parameters():
+            if is_tp_sharded(p) or self.tp_rank == 0:
+                counts["trainable" if p.requires_grad else "frozen"] += p.numel()
+        # An encoder group with no input modality (output tasks only), or whose parts are all frozen, has no
+        # trainable parameters, hence no optimizer (and no optimizer state): it still encodes and routes the data.
+        params = [p for p in self.module.parameters() if p.requires_grad]
         self.optimizer = MixedPrecisionOptimizer(params, self.cfg.train) if params and self.trains else None
         num = sum(p.numel() for p in self.module.parameters())
-        return {"rank": self.rank, "dp_rank": self.dp_rank, "tp_rank": self.tp_rank, "num_params": num}
+        return {"rank": self.rank, "dp_rank": self.dp_rank, "tp_rank": self.tp_rank, "num_params": num,
+                "trainable_params": counts["trainable"], "frozen_params": counts["frozen"]}
 
     def _named_params(self) -> list[tuple[str, torch.nn.Parameter]]:
         return [(n, p) for n, p in self.module.named_parameters() if p.requires_grad]
@@ -257,12 +267,10 @@ class Stage:
 
         if self.tp == 1 or not is_tp_sharded(param):
             return value
-        if getattr(param, "partition_stride", 1) != 1:
-            raise ValueError(f"cannot gather a TP shard with partition_stride={param.partition_stride}")
         group = parallel_state.get_tensor_model_parallel_group()
         parts = [torch.empty_like(value) for _ in range(self.tp)]
         dist.all_gather(parts, value.contiguous(), group=group)
-        return torch.cat(parts, dim=param.partition_dim)
+        return unshard(parts, param.partition_dim, getattr(param, "partition_stride", 1))
 
     def _full_view(self, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out = {}
@@ -299,6 +307,8 @@ class Stage:
         optim = self.optimizer.state_dict() if self.optimizer is not None else {}
         if self.scaler is not None:
             optim["loss_scaler"] = self.scaler.state_dict()
+        if optim:  # parameter names in optimizer order, so a changed model.freeze can still reload by name
+            optim["param_names"] = [n for n, _ in self._named_params()]
         torch.save({"model": model, "optimizer": optim}, file)
         return str(file)
 
@@ -310,6 +320,11 @@ class Stage:
             ValueError: the file is missing or does not match the model's parameters.
         """
         file = self._ckpt_file(path)
+        if not file.exists() and is_imported(path):  # a step-0 import: weights only, a fresh optimizer
+            load_imported(self.module, path, self.name_prefix, self.tp_rank, self.tp)
+            self._last_grads = {}
+            self._in_step = False
+            return
         if not file.exists():
             raise ValueError(f"checkpoint file {file} does not exist")
         state = torch.load(file, map_location=self.device, weights_only=True)
@@ -317,14 +332,33 @@ class Stage:
         missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
         if missing or result.unexpected_keys:
             raise ValueError(f"checkpoint {file}: missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}")
-        optim = dict(state["optimizer"])
+        optim = dict(state.get("optimizer") or {})
         scaler = optim.pop("loss_scaler", None)
         if self.scaler is not None and scaler is not None:
             self.scaler.load_state_dict(scaler)
-        if self.optimizer is not None:
-            self.optimizer.load_state_dict(optim)
+        if self.optimizer is not None and optim:
+            self._load_optimizer(optim, optim.pop("param_names", None))
         self._last_grads = {}
         self._in_step = False
+
+    def _load_optimizer(self, saved: dict[str, Any], saved_names: list[str] | None) -> None:
+        """Load optimizer state; when ``model.freeze`` changed since the save (staged training), by parameter name:
+        parameters that trained before keep their moments, newly trained ones start fresh.
+        """
+        names = [n for n, _ in self._named_params()]
+        if saved_names is None or saved_names == names:
+            self.optimizer.load_state_dict(saved)
+            return
+        where = {name: i for i, name in enumerate(saved_names)}
+        current = self.optimizer.state_dict()
+        current["state"] = {i: saved["state"][where[n]] for i, n in enumerate(names)
+                            if n in where and where[n] in saved["state"]}
+        masters = saved.get("master_weights") or {}  # low-precision runs: fp32 masters by parameter index
+        current["master_weights"] = {i: masters[where[n]] for i, n in enumerate(names)
+                                     if n in where and where[n] in masters}
+        if not current["master_weights"]:
+            del current["master_weights"]
+        self.optimizer.load_state_dict(current)
 
     # ----- how a remote caller gets a verb's list of outputs -------------------------------------------------------
     def call(self, method: str, *args: Any, **kwargs: Any) -> Any:

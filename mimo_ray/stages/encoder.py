@@ -178,7 +178,9 @@ class EncoderStage(Stage):
             raise KeyError(f"no forward graph for micro-batch {key!r}")
         emb = self._graphs.pop(key)
         grads = concat_rows([unpack(g, self.device) for g in grad_pieces])
-        names = [n for n in emb if emb[n].requires_grad]
+        names = [n for n in emb if emb[n].requires_grad]  # frozen modalities' rows carry no graph
+        if not names:
+            return
         missing = [n for n in names if n not in grads]
         if missing:
             raise ValueError(f"no gradient came back for modalities {missing}")

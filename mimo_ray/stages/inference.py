@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from mimo_ray.convert.layout import is_imported, load_imported
 from mimo_ray.model import build_lm_part, encode_modalities
 from mimo_ray.model.generate import generate
 from mimo_ray.model.output_generate import decode_generation
@@ -64,6 +65,10 @@ def load_weights(stage: Stage, ckpt: str | Path) -> None:
         ValueError: missing or mismatching parameters, naming the checkpoint.
     """
     own = Path(ckpt) / stage.role / f"tp{stage.tp_rank}.pt"
+    if not own.exists() and is_imported(ckpt):
+        load_imported(stage.module, ckpt, stage.name_prefix, stage.tp_rank, stage.tp)
+        stage.module.eval()
+        return
     if own.exists():
         model = torch.load(own, map_location=stage.device, weights_only=True)["model"]
         decoders = Path(ckpt) / "decoders" / "tp0.pt"

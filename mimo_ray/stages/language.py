@@ -16,6 +16,7 @@ import torch
 
 from mimo_ray.config import Config
 from mimo_ray.model import build_lm_part
+from mimo_ray.model.freeze import trainable_modalities
 from mimo_ray.stages.base import Stage, stage_call
 from mimo_ray.stages.payload import (
     concat_rows,
@@ -40,6 +41,7 @@ class LanguageStage(Stage):
 
     def __init__(self, cfg: Config, *, rank: int = 0, world_size: int = 1, role: str = "lm"):
         super().__init__(cfg, role=role, rank=rank, world_size=world_size, tp=cfg.parallel.lm_tp)
+        self._trainable = set(trainable_modalities(cfg.model))
 
     def build_module(self) -> torch.nn.Module:
         module = build_lm_part(self.cfg)
@@ -98,7 +100,7 @@ class LanguageStage(Stage):
         """
         self._begin_step()
         tokens, emb, groups, piece_tokens = self._join(num_groups, payloads)
-        emb = {name: rows.requires_grad_() for name, rows in emb.items()}
+        emb = {name: rows.requires_grad_(name in self._trainable) for name, rows in emb.items()}
         loss_sum, num_tokens, parts = self._loss(tokens, emb)
         self.backward_loss(loss_sum)
         stats = loss_stats(loss_sum, num_tokens, tokens["input_ids"].shape[0], parts)
@@ -116,6 +118,8 @@ class LanguageStage(Stage):
             for mods in groups:
                 grad = {}
                 for name in mods:
+                    if name not in self._trainable:
+                        continue  # a frozen modality (encoder and projection): no gradient crosses back
                     full = emb[name].grad if emb[name].grad is not None else torch.zeros_like(emb[name])
                     grad[name] = full[first[name] : first[name] + rows[name]]
                 outputs.append(pack(grad, self.payload_format))
@@ -145,7 +149,7 @@ class LanguageStage(Stage):
         tokens, emb, groups, piece_tokens = self._join(num_groups, payloads)
         size = tokens["input_ids"].shape[0]
         with torch.set_grad_enabled(train):
-            emb = {name: rows.requires_grad_(train) for name, rows in emb.items()}
+            emb = {name: rows.requires_grad_(train and name in self._trainable) for name, rows in emb.items()}
             loss_sum, num_tokens, rows = self._text_and_rows(tokens, emb)
         if train:
             self._graphs[key] = (loss_sum, num_tokens, rows, emb, groups, piece_tokens, size)
