@@ -73,7 +73,7 @@ def test_bad_values_name_the_field(overrides, message):
 
 
 def test_unknown_preset_lists_known():
-    with pytest.raises(ValueError, match="unknown preset 'huge'; known presets: avlm-7b, bench-l, bench-s, tiny"):
+    with pytest.raises(ValueError, match="unknown preset 'huge'; known presets: avlm-7b, bench-l, bench-s, llava-avlm-7b, tiny"):
         load_config("huge")
 
 
