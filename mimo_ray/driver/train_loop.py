@@ -158,15 +158,16 @@ class TrainLoop:
             self.runtime.set_data_iterators(self.data.rank_streams(self.cfg.parallel.encoder_dp))
         return found
 
-    def _recover(self, err: BaseException) -> None:
+    def _recover(self, err: BaseException, during: str = "step") -> None:
         failed_at = self.step
-        self.failures.append(f"step {failed_at}: {type(err).__name__}: {err}")
+        where = f"step {failed_at}" if during == "step" else f"{during} after step {failed_at}"
+        self.failures.append(f"{where}: {type(err).__name__}: {err}")
         if len(self.failures) > self.cfg.train.max_failures:
             raise RuntimeError(
                 f"giving up after {len(self.failures) - 1} recoveries (train.max_failures="
                 f"{self.cfg.train.max_failures}); last failure at step {failed_at}: {err}"
             ) from err
-        log.warning("step %d failed (%s: %s); rebuilding all groups from latest", failed_at, type(err).__name__, err)
+        log.warning("%s failed (%s: %s); rebuilding all groups from latest", where, type(err).__name__, err)
         if self.runtime is not None:
             self.runtime.close()
             self.runtime = None
@@ -174,7 +175,7 @@ class TrainLoop:
             self.data.close()
             self.data = None
         found = self._start(resume=True)
-        record = {"step": failed_at, "error": f"{type(err).__name__}: {err}",
+        record = {"step": failed_at, "during": during, "error": f"{type(err).__name__}: {err}",
                   "resumed_from": str(found) if found else None, "resumed_step": self.step}  # fmt: skip
         if found is None:
             record["note"] = (
@@ -244,9 +245,36 @@ class TrainLoop:
         save_config(cfg, self.out / "config.yaml")
         self._start(resume=cfg.train.resume)
         t0 = time.perf_counter()
-        tokens_total = 0
+        self._tokens = 0
         bar = tqdm(total=cfg.train.max_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
         last_ckpt: Path | None = None
+        while True:
+            last_ckpt = self._train_to_end(bar, last_ckpt)
+            newest = ckpt.latest(self.ckpt_dir, self.run_id, any_run=False)
+            if last_ckpt is not None and newest == ckpt.step_dir(self.ckpt_dir, self.step):
+                break
+            last_ckpt = self._try_save()  # the final checkpoint; a failed save recovers and trains again
+            if last_ckpt is not None:
+                break
+            bar.n = self.step
+        bar.close()
+        return self._summary(time.perf_counter() - t0, self._tokens, last_ckpt)
+
+    def _try_save(self) -> Path | None:
+        """:meth:`save_checkpoint`; an infrastructure failure half-way (a dead rank) recovers like a failed step
+        (the torn temporary directory is never renamed, and is removed at the restart) and returns ``None``.
+        """
+        try:
+            return self.save_checkpoint()
+        except Exception as err:  # noqa: BLE001 - classified right below
+            if not is_recoverable(err):
+                raise
+            self._recover(err, during="checkpoint save")
+            return None
+
+    def _train_to_end(self, bar: Any, last_ckpt: Path | None) -> Path | None:
+        """Step until ``train.max_steps`` with periodic eval and checkpoints; returns the newest checkpoint taken."""
+        cfg = self.cfg
         while self.step < cfg.train.max_steps:
             if self.on_step_start is not None:
                 self.on_step_start(self.step)
@@ -260,7 +288,7 @@ class TrainLoop:
                 continue
             self.step += 1
             self.samples += cfg.data.global_batch_size
-            tokens_total += int(result["num_tokens"])
+            self._tokens += int(result["num_tokens"])
             record = {
                 "step": self.step,
                 "split": "train",
@@ -281,12 +309,12 @@ class TrainLoop:
                 ev = self.evaluate()
                 self.metrics.write({"step": self.step, "split": "val", **ev}, prefix="val")
             if cfg.train.ckpt_interval and self.step % cfg.train.ckpt_interval == 0:
-                last_ckpt = self.save_checkpoint()
-        bar.close()
-        newest = ckpt.latest(self.ckpt_dir, self.run_id, any_run=False)
-        if last_ckpt is None or newest != ckpt.step_dir(self.ckpt_dir, self.step):
-            last_ckpt = self.save_checkpoint()
-        return self._summary(time.perf_counter() - t0, tokens_total, last_ckpt)
+                saved = self._try_save()
+                if saved is None:
+                    bar.n = self.step
+                    continue
+                last_ckpt = saved
+        return last_ckpt
 
     def _summary(self, wall_s: float, tokens: int, last_ckpt: Path) -> dict[str, Any]:
         from mimo_ray.observability import read_metrics
