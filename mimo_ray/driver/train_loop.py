@@ -110,17 +110,20 @@ class TrainLoop:
         self.runtime = self.runtime_factory(self.cfg)
         found = ckpt.latest(self.ckpt_dir) if resume else None
         self.step = 0
+        data_state = None
         if found is not None:
             state = ckpt.read_driver_state(found)
             self.runtime.load_checkpoint(str(found))
             self.step = int(state["step"])
+            data_state = state.get("data_state")  # bad-row memory + exact plan position (manifest sources)
             log.info("resumed from %s (step %d)", found, self.step)
         self.metrics.truncate_after(self.step)
         if self.cfg.train.eval_interval and self.cfg.data.val_path:
             # Decode the val batches before the train streams hold the decode workers: a second Ray Data
             # pipeline started later would wait for CPUs the first one keeps (a silent starvation, NOTES §3).
             self._eval_batches()
-        self.data = build_data_source(self.cfg, "train", start_sample=self.step * self.cfg.data.global_batch_size)
+        self.data = build_data_source(self.cfg, "train", start_sample=self.step * self.cfg.data.global_batch_size,
+                                      data_state=data_state)  # fmt: skip
         if self.cfg.train.runtime == "disaggregated":
             self.runtime.set_data_iterators(self.data.rank_streams(self.cfg.parallel.encoder_dp))
 
