@@ -230,6 +230,9 @@ class EpochPlan:
                 raise RuntimeError("every row of the manifest is quarantined; nothing to resume from")
             if rest == 0 or rest < good:
                 break
+            if epoch >= horizon:  # every later epoch has the same bad rows: skip the whole epochs at once
+                epoch, rest = epoch + rest // good, rest % good
+                continue
             rest -= good
             epoch += 1
         bad = bad_of(epoch)
