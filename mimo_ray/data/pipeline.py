@@ -1,6 +1,7 @@
 """Ray Data input pipeline: manifest → plan → parallel decode (isolated, time-limited) → tokenise → C1 micro-batches.
 
-    src = ManifestDataSource(cfg, "train", start_sample=step * cfg.data.global_batch_size)
+    src = ManifestDataSource(cfg, "train", start_sample=step * cfg.data.global_batch_size,
+                             data_state=driver_json.get("data_state"))   # None for a fresh run
     micro = src.next_step()                 # fused runtime: the micro-batches of one optimizer step, global order
     streams = src.rank_streams(2)           # disaggregated: rank r gets global micro-batches r, r+2, … (actors pull)
     src.advance(1); src.checkpoint_extras(); src.quarantined; src.close()

@@ -20,6 +20,7 @@ import pyarrow as pa
 from mimo_ray.data.collate import DECODED_SCHEMA, MODALITY_COLUMNS
 from mimo_ray.data.isolation import FAULTS_ENV, TRACE_ENV, DecodeProcess, decode_isolated
 from mimo_ray.data.manifest import MODALITY_FIELDS, first_media_path
+from mimo_ray.data.quarantine import kind_of
 from mimo_ray.data.sample_media import MediaSpec, request_paths
 from mimo_ray.data.tokenizer import MODALITY_TAGS, ChatTokenizer, TokenizeError, count_tags
 
@@ -233,10 +234,11 @@ def decode_batch(plan: pa.Table, opts: DecodeOptions) -> pa.Table:
     asked = _registry_call(opts, "verdicts", [(r["id"], int(p["epoch"])) for p, r in zip(plans, rows, strict=True)])
     if asked is not None:
         known = [k or a for k, a in zip(known, asked, strict=True)]
-    out = []
-    for p, r, k in zip(plans, rows, known, strict=True):
-        if k:
-            out.append(known_row(p, r, k))
+    out, failed_here = [], {}  # failed_here: deterministic failures of this block (an epoch boundary inside it)
+    for i, (p, r) in enumerate(zip(plans, rows, strict=True)):
+        known[i] = known[i] or failed_here.get(r["id"])
+        if known[i]:
+            out.append(known_row(p, r, known[i]))
             continue
         try:
             out.append(prepare_row(p, r, opts))
@@ -244,6 +246,8 @@ def decode_batch(plan: pa.Table, opts: DecodeOptions) -> pa.Table:
             fallback = {"pos": p["pos"], "epoch": p["epoch"], "row": p["row"], "id": r["id"], "ok": False,
                         "stage": "error", "error": f"{type(err).__name__}: {err}", "path": first_media_path(r)}
             out.append({**dict.fromkeys(DECODED_SCHEMA.names), **fallback})  # fmt: skip
+        if not out[-1]["ok"] and kind_of(out[-1]["stage"]) == "deterministic":
+            failed_here[r["id"]] = out[-1]["stage"]
     # Told before the block is handed on, so a decode task planned after this one already knows.
     _registry_call(opts, "record", [(o["id"], int(o["epoch"]), o["stage"]) for o, k in zip(out, known, strict=True)
                                     if not o["ok"] and not k])  # fmt: skip

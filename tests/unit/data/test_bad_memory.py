@@ -190,11 +190,12 @@ def test_resume_mid_epoch_0_honours_recorded_outcomes_without_decoding_bad_rows(
     """Resumed (from a checkpoint's data_state) before the flaky row's timeout: the recorded outcome is honoured, so
     the flaky row is skipped in epoch 0 exactly as in the run that met it, and no known-bad row is decoded again.
     """
-    from mimo_ray.data.pipeline import ManifestDataSource
+    from mimo_ray.driver.data_sources import build_data_source
 
     start, cfg = 1, uninterrupted["cfg"]
     before = len(_decoded(bad_data["trace"]))
-    src = ManifestDataSource(cfg, "train", start_sample=start * 4, data_state=uninterrupted["states"][start])
+    # What the train loop calls with the data_state of the checkpoint's driver.json.
+    src = build_data_source(cfg, "train", start_sample=start * 4, data_state=uninterrupted["states"][start])
     try:
         resumed = [[mb["ids"] for mb in src.next_step()] for _ in range(STEPS - start)]
         assert src.checkpoint_extras()["data_state"]["position"] == uninterrupted["states"][STEPS]["position"]
@@ -239,3 +240,42 @@ def test_resumed_rank_streams_consume_the_uninterrupted_ids(uninterrupted, bad_d
     assert got[0] == want[0::2] and got[1] == want[1::2]
     again = _consumed_since(bad_data["trace"], before)
     assert not [d for d in again if d[1] in ("bad-missing", "bad-empty", "bad-crash")], again
+
+
+def test_decode_tasks_ask_and_tell_the_shared_registry(bad_data, faults, ray_local, tmp_path):
+    """A decode task skips rows the registry knows bad (no decode) and tells it the failures it meets, before its
+    block is handed on: how a row found bad in one epoch of a long per-rank plan is skipped in the next."""
+    import dataclasses
+
+    import pyarrow as pa
+    import ray
+
+    from mimo_ray.data import prepare
+    from mimo_ray.data.bad_memory import BadRowRegistry
+    from mimo_ray.data.manifest import read_manifest
+    from mimo_ray.data.pipeline import PLAN_SCHEMA
+    from mimo_ray.data.tokenizer import ChatTokenizer
+
+    cfg = _cfg(bad_data["manifest"], tmp_path)
+    manifest = read_manifest(bad_data["manifest"])
+    registry = ray.remote(num_cpus=0)(BadRowRegistry).remote({}, 1)
+    try:
+        assert ray.get(registry.record.remote([("bad-empty", 0, "open")]), timeout=120) == 1
+        opts = prepare.DecodeOptions.from_config(cfg, "train", ChatTokenizer.from_config(cfg), ray.put(manifest.table))
+        opts = dataclasses.replace(opts, registry=[registry])
+        rows = [manifest.ids.index(i) for i in ("bad-missing", "bad-empty", "syn-000000")]
+        plan = pa.table({"pos": [12 + r for r in rows], "epoch": [1, 1, 1], "row": rows, "known": [None] * 3},
+                        schema=PLAN_SCHEMA)  # fmt: skip
+        before = len(_decoded(bad_data["trace"]))
+        out = prepare.decode_batch(plan, opts).to_pylist()
+        assert [(o["id"], o["ok"], o["stage"]) for o in out] == [
+            ("bad-missing", False, "open"), ("bad-empty", False, "open"), ("syn-000000", True, "")]  # fmt: skip
+        assert "not decoded again" in out[1]["error"]
+        assert _decoded(bad_data["trace"])[before:] == [(1, "bad-missing"), (1, "syn-000000")]
+        verdicts = ray.get(registry.verdicts.remote([("bad-missing", 0), ("bad-missing", 2), ("syn-000000", 2)]),
+                           timeout=120)  # fmt: skip
+        assert verdicts == [None, "open", None]
+    finally:
+        ray.kill(registry)
+        for proc in prepare._PROCESSES.values():
+            proc.kill()
