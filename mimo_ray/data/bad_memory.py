@@ -36,7 +36,7 @@ from mimo_ray.data.quarantine import (
     read_quarantine,
 )
 
-__all__ = ["DETERMINISTIC_STAGES", "TRANSIENT_STAGES", "BadMemory", "BadRowKeeper", "BadRowRegistry", "kind_of"]
+__all__ = ["DETERMINISTIC_STAGES", "TRANSIENT_STAGES", "WAIT", "BadMemory", "BadRowKeeper", "BadRowRegistry", "kind_of"]
 STATE_VERSION = 1
 
 
@@ -153,21 +153,61 @@ class BadMemory:
         return memory
 
 
+#: :meth:`BadRowRegistry.ask` answer: the row's previous appearance in the plan is not decoded yet.
+WAIT = "<wait>"
+
+
 class BadRowRegistry:
-    """The memory shared with decode tasks (run as a Ray actor with ``num_cpus=0``): decode tasks ask it which rows
-    of their block are known bad before decoding and report the failures they meet, so a row found bad in one epoch
-    of a long multi-epoch plan is not decoded again in the next. An optimisation only: the in-order consumer
-    (:class:`BadRowKeeper`) decides what is bad.
+    """The memory shared with decode tasks (run as a Ray actor with ``num_cpus=0``), so a row found bad in one epoch
+    of a long multi-epoch plan is not decoded again in the next, even when both are decoded at the same time.
+
+    A decode task asks about its block's rows before decoding (:meth:`ask`) and reports when its block is
+    :meth:`done`, with the failures it met. A row whose previous appearance in the plan is not done yet is answered
+    :data:`WAIT`: the task asks again until it is (decode tasks start in plan order, so a task only waits for
+    earlier ones; the wait is bounded, so a task that died holds nobody up for long). An optimisation only: the
+    in-order consumer (:class:`BadRowKeeper`) decides what is bad.
+
+    Args:
+        state: :meth:`BadMemory.to_state` of the facts known at the start.
+        retry_epochs: ``data.decode_retry_epochs``.
+        first_epoch: the plan's first epoch (it may start mid-epoch); every later epoch is planned whole.
+        first_ids: ids planned in ``first_epoch``.
     """
 
-    def __init__(self, state: dict[str, Any], retry_epochs: int) -> None:
+    def __init__(self, state: dict[str, Any], retry_epochs: int, first_epoch: int = 0,
+                 first_ids: Iterable[str] = ()) -> None:  # fmt: skip
         self.memory = BadMemory.from_state(state, retry_epochs)
+        self.first_epoch = first_epoch
+        self.first_ids = set(first_ids)
+        self.last_done: dict[str, int] = {}  # id → latest epoch whose appearance is done
+
+    def _previous(self, rid: str, epoch: int) -> int | None:
+        """The epoch of ``rid``'s previous appearance in the plan (``None``: this is its first)."""
+        if epoch <= self.first_epoch or (epoch - 1 == self.first_epoch and rid not in self.first_ids):
+            return None
+        return epoch - 1
+
+    def ask(self, keys: list[tuple[str, int]]) -> list[str | None]:
+        """Per ``(id, epoch)``: the stage it is known bad with, :data:`WAIT`, or ``None`` (decode it)."""
+        out: list[str | None] = []
+        for rid, epoch in keys:
+            stage = self.memory.verdict(rid, epoch)
+            previous = self._previous(rid, epoch) if stage is None else None
+            if previous is not None and self.last_done.get(rid, previous - 1) < previous:
+                stage = WAIT
+            out.append(stage)
+        return out
+
+    def done(self, keys: list[tuple[str, int]], failures: list[tuple[str, int, str]]) -> int:
+        """Remember a block's failures and that its rows are done; returns how many facts were new."""
+        new = sum(self.memory.record(rid, epoch, stage) for rid, epoch, stage in failures)
+        for rid, epoch in keys:
+            self.last_done[rid] = max(epoch, self.last_done.get(rid, epoch))
+        return new
 
     def verdicts(self, keys: list[tuple[str, int]]) -> list[str | None]:
+        """The memory's verdicts (no waiting)."""
         return [self.memory.verdict(rid, epoch) for rid, epoch in keys]
-
-    def record(self, facts: list[tuple[str, int, str]]) -> int:
-        return sum(self.memory.record(rid, epoch, stage) for rid, epoch, stage in facts)
 
 
 class BadRowKeeper:

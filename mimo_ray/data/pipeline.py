@@ -611,7 +611,10 @@ class ManifestDataSource(MicroBatchCursor):
             plans.append(self.plan.table(e, start, known=self._known(memory, e)))
             rows += plans[-1].num_rows
             e, start = e + 1, 0
-        registry = ray.remote(num_cpus=0)(BadRowRegistry).remote(memory.to_state(), memory.retry_epochs)
+        ids = self.manifest.ids
+        first_ids = [ids[r] for r in plans[0].column("row").to_pylist()] if plans else []
+        registry = ray.remote(num_cpus=0)(BadRowRegistry).remote(memory.to_state(), memory.retry_epochs, epoch,
+                                                                 first_ids)  # fmt: skip
         self._registries.append(registry)
         opts = replace(self._opts, registry=[registry])
         ds = decode_dataset(plans, opts, self.cfg, one_row_blocks=True)

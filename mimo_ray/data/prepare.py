@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
+from mimo_ray.data.bad_memory import WAIT
 from mimo_ray.data.collate import DECODED_SCHEMA, MODALITY_COLUMNS
 from mimo_ray.data.isolation import FAULTS_ENV, TRACE_ENV, DecodeProcess, decode_isolated
 from mimo_ray.data.manifest import MODALITY_FIELDS, first_media_path
@@ -203,16 +205,28 @@ def prepare_row(plan: dict[str, Any], row: dict[str, Any], opts: DecodeOptions) 
     return out
 
 
-def _registry_call(opts: DecodeOptions, method: str, arg: list) -> Any:
+def _registry_call(opts: DecodeOptions, method: str, *args: Any) -> Any:
     """Call the shared bad-row registry; ``None`` when there is none or it does not answer (an optimisation only)."""
-    if not opts.registry or not arg:
+    if not opts.registry:
         return None
     import ray
 
     try:
-        return ray.get(getattr(opts.registry[0], method).remote(arg), timeout=_REGISTRY_TIMEOUT_S)
+        return ray.get(getattr(opts.registry[0], method).remote(*args), timeout=_REGISTRY_TIMEOUT_S)
     except Exception:  # a dead or slow registry costs decode work, never correctness
         return None
+
+
+def _await_verdict(opts: DecodeOptions, key: tuple[str, int], deadline: float) -> str | None:
+    """Wait until the row's previous appearance is decoded (by an earlier task); then its verdict, or ``None`` to
+    decode it. Gives up at ``deadline`` (the task that held it may have died) and decodes the row.
+    """
+    while time.monotonic() < deadline:
+        answer = _registry_call(opts, "ask", [key])
+        if answer is None or answer[0] != WAIT:
+            return answer[0] if answer else None
+        time.sleep(0.1)
+    return None
 
 
 def known_row(plan: dict[str, Any], row: dict[str, Any], stage: str) -> dict[str, Any]:
@@ -231,24 +245,31 @@ def decode_batch(plan: pa.Table, opts: DecodeOptions) -> pa.Table:
     plans = plan.to_pylist()
     rows = manifest.take(pa.array([p["row"] for p in plans], type=pa.int64())).to_pylist()
     known = [p.get("known") for p in plans]
-    asked = _registry_call(opts, "verdicts", [(r["id"], int(p["epoch"])) for p, r in zip(plans, rows, strict=True)])
-    if asked is not None:
-        known = [k or a for k, a in zip(known, asked, strict=True)]
+    keys = [(r["id"], int(p["epoch"])) for p, r in zip(plans, rows, strict=True)]
+    asked = _registry_call(opts, "ask", keys) or [None] * len(keys)
+    # Waiting for an earlier task is bounded by its longest decode of one row plus a margin.
+    deadline = time.monotonic() + opts.timeout_s * (1 + opts.retries) + _REGISTRY_TIMEOUT_S
     out, failed_here = [], {}  # failed_here: deterministic failures of this block (an epoch boundary inside it)
-    for i, (p, r) in enumerate(zip(plans, rows, strict=True)):
-        known[i] = known[i] or failed_here.get(r["id"])
-        if known[i]:
-            out.append(known_row(p, r, known[i]))
-            continue
-        try:
-            out.append(prepare_row(p, r, opts))
-        except Exception as err:  # a bug or an unexpected library error costs this sample, with a record
-            fallback = {"pos": p["pos"], "epoch": p["epoch"], "row": p["row"], "id": r["id"], "ok": False,
-                        "stage": "error", "error": f"{type(err).__name__}: {err}", "path": first_media_path(r)}
-            out.append({**dict.fromkeys(DECODED_SCHEMA.names), **fallback})  # fmt: skip
-        if not out[-1]["ok"] and kind_of(out[-1]["stage"]) == "deterministic":
-            failed_here[r["id"]] = out[-1]["stage"]
-    # Told before the block is handed on, so a decode task planned after this one already knows.
-    _registry_call(opts, "record", [(o["id"], int(o["epoch"]), o["stage"]) for o, k in zip(out, known, strict=True)
-                                    if not o["ok"] and not k])  # fmt: skip
+    try:
+        for i, (p, r) in enumerate(zip(plans, rows, strict=True)):
+            known[i] = known[i] or failed_here.get(r["id"]) or (asked[i] if asked[i] != WAIT else None)
+            earlier_here = any(rid == r["id"] for rid, _ in keys[:i])  # its previous appearance is in this block
+            if not known[i] and asked[i] == WAIT and not earlier_here:
+                known[i] = _await_verdict(opts, keys[i], deadline)
+            if known[i]:
+                out.append(known_row(p, r, known[i]))
+                continue
+            try:
+                out.append(prepare_row(p, r, opts))
+            except Exception as err:  # a bug or an unexpected library error costs this sample, with a record
+                fallback = {"pos": p["pos"], "epoch": p["epoch"], "row": p["row"], "id": r["id"], "ok": False,
+                            "stage": "error", "error": f"{type(err).__name__}: {err}", "path": first_media_path(r)}
+                out.append({**dict.fromkeys(DECODED_SCHEMA.names), **fallback})  # fmt: skip
+            if not out[-1]["ok"] and kind_of(out[-1]["stage"]) == "deterministic":
+                failed_here[r["id"]] = out[-1]["stage"]
+    finally:
+        # Told before the block is handed on, so a decode task planned after this one already knows.
+        failures = [(o["id"], int(o["epoch"]), o["stage"]) for o, k in zip(out, known, strict=False)
+                    if not o["ok"] and not k]  # fmt: skip
+        _registry_call(opts, "done", keys[: len(out)], failures)
     return pa.Table.from_pylist(out, schema=DECODED_SCHEMA)

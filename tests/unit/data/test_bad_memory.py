@@ -82,6 +82,20 @@ def test_locate_replays_epoch_dependent_bad_rows(shuffle: bool) -> None:
         plan.locate(5, lambda _e: set(range(9)), horizon=1)
 
 
+def test_registry_holds_a_later_epoch_until_the_earlier_one_is_decoded() -> None:
+    from mimo_ray.data.bad_memory import WAIT, BadRowRegistry
+
+    # The plan starts mid-epoch 3 with rows a and b; every later epoch is whole (a, b, c).
+    reg = BadRowRegistry({}, 1, first_epoch=3, first_ids=["a", "b"])
+    assert reg.ask([("a", 3), ("c", 4), ("a", 4), ("b", 5)]) == [None, None, WAIT, WAIT]
+    assert reg.done([("a", 3)], [("a", 3, "open")]) == 1  # a's decode in epoch 3 failed for good
+    assert reg.ask([("a", 4), ("a", 9)]) == ["open", "open"]
+    assert reg.done([("b", 3), ("c", 4)], [("b", 3, "timeout")]) == 1
+    assert reg.ask([("b", 4), ("b", 5), ("c", 5)]) == [None, WAIT, None]  # b: retried in epoch 4
+    reg.done([("b", 4)], [])
+    assert reg.ask([("b", 5)]) == [None] and reg.verdicts([("b", 3), ("a", 2)]) == ["timeout", None]
+
+
 # ---------------------------------------------------------------- the pipeline (real media, local Ray)
 
 STEPS = 6  # 24 samples: epoch 0 has 8 good rows, epochs 1 and 2 have 9 (the flaky row passes on its retry)
@@ -258,9 +272,10 @@ def test_decode_tasks_ask_and_tell_the_shared_registry(bad_data, faults, ray_loc
 
     cfg = _cfg(bad_data["manifest"], tmp_path)
     manifest = read_manifest(bad_data["manifest"])
-    registry = ray.remote(num_cpus=0)(BadRowRegistry).remote({}, 1)
+    registry = ray.remote(num_cpus=0)(BadRowRegistry).remote({}, 1, 1, manifest.ids)  # a plan from epoch 1
     try:
-        assert ray.get(registry.record.remote([("bad-empty", 0, "open")]), timeout=120) == 1
+        # Known from before the plan (e.g. the quarantine file of the run being resumed).
+        assert ray.get(registry.done.remote([("bad-empty", 0)], [("bad-empty", 0, "open")]), timeout=120) == 1
         opts = prepare.DecodeOptions.from_config(cfg, "train", ChatTokenizer.from_config(cfg), ray.put(manifest.table))
         opts = dataclasses.replace(opts, registry=[registry])
         rows = [manifest.ids.index(i) for i in ("bad-missing", "bad-empty", "syn-000000")]
@@ -275,6 +290,8 @@ def test_decode_tasks_ask_and_tell_the_shared_registry(bad_data, faults, ray_loc
         verdicts = ray.get(registry.verdicts.remote([("bad-missing", 0), ("bad-missing", 2), ("syn-000000", 2)]),
                            timeout=120)  # fmt: skip
         assert verdicts == [None, "open", None]
+        # The block is done: epoch 2 of its rows need not wait for it.
+        assert ray.get(registry.ask.remote([("syn-000000", 2), ("bad-missing", 2)]), timeout=120) == [None, "open"]
     finally:
         ray.kill(registry)
         for proc in prepare._PROCESSES.values():
