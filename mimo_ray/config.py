@@ -382,13 +382,16 @@ class DataConfig:
     num_decode_workers: int = 2
     decode_timeout_s: float = 30.0
     decode_retries: int = 1
+    # Later epochs in which a row whose decode hung or crashed (on all 1 + decode_retries tries) is tried again before
+    # it is skipped for good; rows that failed for a deterministic reason are never decoded again.
+    decode_retry_epochs: int = 1
     max_bad_fraction: float = 0.2
     shuffle: bool = True
     seed: int = 1234
 
     def __post_init__(self) -> None:
         _check_positive(self, "micro_batch_size", "global_batch_size", "num_decode_workers", "decode_timeout_s")
-        _check_positive(self, "decode_retries", allow_zero=True)
+        _check_positive(self, "decode_retries", "decode_retry_epochs", allow_zero=True)
         if not 0.0 <= self.max_bad_fraction <= 1.0:
             raise ValueError(f"data.max_bad_fraction={self.max_bad_fraction} must be within [0, 1]")
 

@@ -59,16 +59,18 @@ def load_audio(
         source: Path to the file, or its bytes (bytes are tried with soundfile first unless ``from_video``).
         target_sr: Output sample rate in Hz.
         from_video: The source is a video container; take its first audio stream.
-        expected_seconds: Duration the audio should have (e.g. the video's); decoding less than 90 % of it is
-            reported as truncation.
+        expected_seconds: Extra duration the audio itself must have (decoding less than 90 % of it is reported as
+            truncation). Not the video's duration: a separate audio track shorter or longer than its video is
+            valid and is padded or cropped to the clip length later (:func:`crop_or_pad`).
 
     Returns:
         float32 ``[num_samples]`` at ``target_sr``.
 
     Raises:
         MediaError: stage ``"open"`` (missing or empty file), ``"audio"`` (no audio stream, undecodable, or
-            no samples), ``"truncated"`` (decoded < 90 % of the length the header or ``expected_seconds``
-            declares).
+            no samples), ``"truncated"`` (decoded < 90 % of the length the source itself declares: a WAV's RIFF
+            header, libsndfile's frame count, or for PyAV the stream's duration, its ``DURATION`` tag or the
+            container's duration; or of ``expected_seconds``).
     """
     name = describe(source)
     src = checked_source(source)
@@ -162,8 +164,8 @@ def _decode_with_av(src: str | io.BytesIO, name: str) -> tuple[np.ndarray, int, 
     """Decodes the first audio stream with FFmpeg (PyAV).
 
     Returns:
-        (float32 ``[N]`` mono at the stream's rate, the rate, samples the stream's duration declares or
-        ``None``).
+        (float32 ``[N]`` mono at the stream's rate, the rate, samples the file declares for the stream
+        (:func:`_declared_seconds`) or ``None``).
     """
     import av
 
@@ -181,9 +183,8 @@ def _decode_with_av(src: str | io.BytesIO, name: str) -> tuple[np.ndarray, int, 
         sr = int(stream.codec_context.sample_rate or stream.rate or 0)
         if sr <= 0:
             raise MediaError("audio", f"{name}: audio stream has no sample rate")
-        declared = None
-        if stream.duration is not None and stream.time_base is not None:
-            declared = int(float(stream.duration * stream.time_base) * sr)
+        seconds = _declared_seconds(container, stream)
+        declared = int(seconds * sr) if seconds is not None else None
         chunks: list[np.ndarray] = []
         try:
             for frame in container.decode(stream):
@@ -192,6 +193,26 @@ def _decode_with_av(src: str | io.BytesIO, name: str) -> tuple[np.ndarray, int, 
             raise MediaError("audio", f"{name}: audio decoding failed: {exc}") from exc
     wave = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.float32)
     return wave, sr, declared
+
+
+def _declared_seconds(container: object, stream: object) -> float | None:
+    """Length the file declares for an audio stream, in seconds (``None`` when it declares none).
+
+    In order: the stream's own duration (mp4/m4a ``mdhd``), its ``DURATION`` tag (Matroska/WebM write one per
+    stream), then the container's duration (e.g. a Matroska segment header) for files that declare no stream length.
+    """
+    if stream.duration is not None and stream.time_base is not None:
+        return float(stream.duration * stream.time_base)
+    tag = (stream.metadata or {}).get("DURATION")
+    if tag:
+        try:
+            hours, minutes, secs = tag.split(":")
+            return int(hours) * 3600 + int(minutes) * 60 + float(secs)
+        except ValueError:
+            pass  # an unparsable tag: fall back to the container
+    if container.duration is not None and container.duration > 0:
+        return container.duration / 1_000_000  # AV_TIME_BASE
+    return None
 
 
 def _frame_to_mono(frame: object) -> np.ndarray:

@@ -178,6 +178,8 @@ class MicroBatcher:
         start_index: global index of the first micro-batch it emits.
         on_bad: called with ``(epoch, BadRow)`` for every bad row, in order (quarantine + bad-data gate).
         manifest, split: for the quarantine records.
+        known_bad: ``(id, epoch) → stage`` of rows already known bad (``None``: not known). Such a row is bad even
+            if a decode task decoded it before the fact reached it, so what is consumed never depends on timing.
     """
 
     def __init__(
@@ -188,6 +190,7 @@ class MicroBatcher:
         on_bad: Callable[[int, BadRow], None],
         manifest: str = "",
         split: str = "",
+        known_bad: Callable[[str, int], str | None] | None = None,
     ) -> None:
         self.layout = layout
         self.micro_batch_size = micro_batch_size
@@ -195,6 +198,7 @@ class MicroBatcher:
         self.on_bad = on_bad
         self.manifest = manifest
         self.split = split
+        self.known_bad = known_bad
         self._pending: list[dict[str, Any]] = []
         self.rows_in = 0
         self.rows_out = 0
@@ -209,6 +213,10 @@ class MicroBatcher:
             if row["pos"] <= self.last_pos:
                 raise RuntimeError(f"decoded rows arrived out of plan order ({row['pos']} after {self.last_pos})")
             self.last_pos = row["pos"]
+            if row["ok"] and self.known_bad is not None:
+                stage = self.known_bad(row["id"], int(row["epoch"]))
+                if stage is not None:
+                    row = {**row, "ok": False, "stage": stage, "error": f"known bad ({stage}); not used again"}
             if not row["ok"]:
                 self.rows_bad += 1
                 self.on_bad(int(row["epoch"]), bad_row_of(row, self.manifest, self.split))

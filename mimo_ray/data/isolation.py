@@ -26,8 +26,11 @@ from typing import Any
 
 import numpy as np
 
-#: JSON ``{"<file name or sample id>": "hang" | "abort" | "exit"}`` read by the driver (tests only).
+#: JSON ``{"<file name or sample id>": "hang" | "abort" | "exit"}`` read by the driver (tests only); a fault
+#: ending in ``-once`` (``"hang-once"``) acts on the first try of that row only (needs :data:`TRACE_ENV`).
 FAULTS_ENV = "MIMO_RAY_DECODE_FAULTS"
+#: A folder where decode tasks append ``<epoch> <id>`` per row decoded to ``decoded.txt`` (tests only).
+TRACE_ENV = "MIMO_RAY_DECODE_TRACE"
 _HEADER = struct.Struct("!Q")
 _START_TIMEOUT_S = 120.0
 
@@ -154,10 +157,14 @@ class DecodeProcess:
 
         Raises:
             DecoderTimeout: no answer within ``timeout_s`` (the child was killed; the next call restarts it).
-            DecoderCrash: the child died.
+            DecoderCrash: the child died (or could not be started).
         """
         if self._proc is None or self._proc.poll() is not None:
-            self._start()
+            try:
+                self._start()
+            except RuntimeError as err:  # a child that cannot start is a crash of this try, not of the sample
+                self.kill()
+                raise DecoderCrash(str(err)) from err
         return self._roundtrip(("decode", request), timeout_s)
 
     def kill(self) -> None:

@@ -1,6 +1,7 @@
 """Ray Data input pipeline: manifest → plan → parallel decode (isolated, time-limited) → tokenise → C1 micro-batches.
 
-    src = ManifestDataSource(cfg, "train", start_sample=step * cfg.data.global_batch_size)
+    src = ManifestDataSource(cfg, "train", start_sample=step * cfg.data.global_batch_size,
+                             data_state=driver_json.get("data_state"))   # None for a fresh run
     micro = src.next_step()                 # fused runtime: the micro-batches of one optimizer step, global order
     streams = src.rank_streams(2)           # disaggregated: rank r gets global micro-batches r, r+2, … (actors pull)
     src.advance(1); src.checkpoint_extras(); src.quarantined; src.close()
@@ -10,9 +11,17 @@ with ``preserve_order``, so the good samples come in plan order whatever the dec
 good samples ``m*B … m*B+B-1``. Per-rank streams come from one collate actor (the same :class:`MicroBatcher`) and a
 ``streaming_split`` over one-row blocks, which Ray Data hands out round-robin; each stream checks the indices it gets.
 
-**Resume.** A position is ``samples consumed``. Bad rows are sticky (they fail every epoch) and every bad row met is
-in ``<train.output_dir>/quarantine.jsonl`` before any later sample is handed out, so ``start_sample`` maps back to
-``(epoch, rows consumed)`` exactly: the resumed run yields the sample ids an uninterrupted run would.
+**Bad rows are remembered** (:mod:`mimo_ray.data.bad_memory`). A row that failed for a deterministic reason is bad
+from then on and is not decoded again (plan rows carry the verdicts known when they are planned; the per-rank
+streams' decode tasks also ask a shared registry, so a row found bad in one epoch is skipped in the next); a row whose
+decode hung or crashed is tried again in at most ``data.decode_retry_epochs`` later epochs. The in-order consumer
+(driver or collate actor) applies the same verdicts, so what is consumed never depends on decode timing.
+
+**Resume.** A position is ``samples consumed``. Every bad row met is in ``<train.output_dir>/quarantine.jsonl``
+(with its epoch) before any later sample is handed out, and the checkpoint's ``data_state``
+(:meth:`ManifestDataSource.checkpoint_extras`) holds the facts and the exact plan position, so ``start_sample``
+maps back to ``(epoch, rows consumed)`` exactly and recorded outcomes (e.g. a timeout met before the resume) are
+honoured: the resumed run yields the sample ids an uninterrupted run would.
 
 **Resources.** Decode tasks get ``data.num_decode_workers`` slots and never more logical CPUs than the cluster
 minus what the stage actors reserve (``resource_limits``), with fractional CPUs when that is less than one per
@@ -24,24 +33,28 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
+from mimo_ray.data.bad_memory import BadMemory, BadRowKeeper, BadRowRegistry, memory_of
 from mimo_ray.data.collate import MICROBATCH_SCHEMA, BatchLayout, MicroBatch, MicroBatcher
 from mimo_ray.data.cursor import MicroBatchCursor
 from mimo_ray.data.manifest import Manifest, read_manifest
 from mimo_ray.data.prepare import DecodeOptions, decode_batch
-from mimo_ray.data.quarantine import BadBudget, BadRow, QuarantineLog, bad_ids, quarantine_path
+from mimo_ray.data.quarantine import bad_ids, quarantine_path
 from mimo_ray.data.tokenizer import ChatTokenizer
 
 log = logging.getLogger("mimo_ray")
 
 #: Most clips one decode task takes (NOTES §4: ~15 per task amortises task overhead).
 MAX_CLIPS_PER_TASK = 15
-PLAN_SCHEMA = pa.schema([("pos", pa.int64()), ("epoch", pa.int64()), ("row", pa.int64())])
+#: A plan row: global position, epoch, manifest row, and the stage it is already known bad with (null: decode it).
+PLAN_SCHEMA = pa.schema([("pos", pa.int64()), ("epoch", pa.int64()), ("row", pa.int64()), ("known", pa.string())])
+DATA_STATE_VERSION = 1
 SPLIT_MODES = {"train": "train", "val": "eval", "infer": "infer", "validate": "eval"}
 _GET_TIMEOUT_S = 300.0
 
@@ -184,26 +197,47 @@ class EpochPlan:
             return np.arange(self.num_rows, dtype=np.int64)
         return np.random.default_rng([self.seed, epoch, 0x5EED]).permutation(self.num_rows).astype(np.int64)
 
-    def table(self, epoch: int, start: int = 0, stop: int | None = None) -> pa.Table:
-        """Plan rows ``(pos, epoch, row)`` of ``epoch`` from offset ``start`` to ``stop``."""
+    def table(
+        self, epoch: int, start: int = 0, stop: int | None = None, known: dict[int, str] | None = None
+    ) -> pa.Table:
+        """Plan rows ``(pos, epoch, row, known)`` of ``epoch`` from offset ``start`` to ``stop``; ``known`` maps
+        manifest rows already known bad in this epoch to their stage (they are not decoded).
+        """
         stop = self.num_rows if stop is None else stop
         rows = self.order(epoch)[start:stop]
         pos = epoch * self.num_rows + np.arange(start, start + rows.size, dtype=np.int64)
-        return pa.table({"pos": pos, "epoch": np.full(rows.size, epoch, dtype=np.int64), "row": rows},
-                        schema=PLAN_SCHEMA)  # fmt: skip
+        stages = [known.get(int(r)) for r in rows] if known else [None] * rows.size
+        return pa.table({"pos": pos, "epoch": np.full(rows.size, epoch, dtype=np.int64), "row": rows,
+                         "known": pa.array(stages, type=pa.string())}, schema=PLAN_SCHEMA)  # fmt: skip
 
-    def locate(self, samples: int, bad_rows: set[int]) -> tuple[int, int, int]:
+    def locate(
+        self, samples: int, bad_rows: set[int] | Callable[[int], set[int]], horizon: int = 0
+    ) -> tuple[int, int, int]:
         """Where the good sample number ``samples`` comes from: ``(epoch, rows consumed in it, bad rows before)``.
+
+        Args:
+            samples: good samples consumed.
+            bad_rows: manifest rows bad in every epoch, or a function ``epoch → rows bad in that epoch``.
+            horizon: with a function, an epoch from which its answer no longer changes.
 
         Raises:
             RuntimeError: every row is bad.
         """
-        good_per_epoch = self.num_rows - len(bad_rows)
-        if good_per_epoch <= 0 and samples > 0:
-            raise RuntimeError("every row of the manifest is quarantined; nothing to resume from")
-        epoch = samples // good_per_epoch if good_per_epoch else 0
-        rest = samples - epoch * good_per_epoch
-        is_bad = np.isin(self.order(epoch), np.fromiter(bad_rows, dtype=np.int64, count=len(bad_rows)))
+        bad_of = bad_rows if callable(bad_rows) else (lambda _epoch: bad_rows)
+        epoch, rest = 0, samples
+        while True:
+            good = self.num_rows - len(bad_of(epoch))
+            if good <= 0 and rest > 0 and epoch >= horizon:
+                raise RuntimeError("every row of the manifest is quarantined; nothing to resume from")
+            if rest == 0 or rest < good:
+                break
+            if epoch >= horizon:  # every later epoch has the same bad rows: skip the whole epochs at once
+                epoch, rest = epoch + rest // good, rest % good
+                continue
+            rest -= good
+            epoch += 1
+        bad = bad_of(epoch)
+        is_bad = np.isin(self.order(epoch), np.fromiter(bad, dtype=np.int64, count=len(bad)))
         good_before = np.cumsum(~is_bad)
         # Just past the rest-th good row (bad rows right after it are met again, as an uninterrupted run meets them).
         offset = int(np.searchsorted(good_before, rest, side="left")) + 1 if rest else 0
@@ -217,9 +251,11 @@ class Position:
     samples: int
     epoch: int
     rows_consumed: int
+    bad_before: int = 0  # bad rows among the rows consumed of this epoch (for the bad-data gate)
 
     def to_dict(self) -> dict[str, int]:
-        return {"samples": self.samples, "epoch": self.epoch, "rows_consumed": self.rows_consumed}
+        return {"samples": self.samples, "epoch": self.epoch, "rows_consumed": self.rows_consumed,
+                "bad_before": self.bad_before}  # fmt: skip
 
 
 def decode_dataset(
@@ -297,15 +333,13 @@ class _CollateFn:
     """The collate actor (Ray Data ``ActorPoolStrategy(size=1)``): decoded rows in plan order → micro-batch rows."""
 
     def __init__(self, layout: BatchLayout, micro_batch_size: int, start_index: int, qpath: str, manifest: str,
-                 num_rows: int, max_bad_fraction: float, epoch: int, bad_before: int) -> None:  # fmt: skip
-        self.log = QuarantineLog(qpath, manifest)
-        self.budget = BadBudget(num_rows, max_bad_fraction, manifest)
-        self.budget.start_epoch(epoch, bad_before)
-        self.batcher = MicroBatcher(layout, micro_batch_size, start_index, self._on_bad, manifest, "train")
-
-    def _on_bad(self, epoch: int, bad: BadRow) -> None:
-        self.log.add(bad)
-        self.budget.add(epoch, bad)
+                 num_rows: int, max_bad_fraction: float, epoch: int, bad_before: int, memory: dict[str, Any],
+                 retry_epochs: int) -> None:  # fmt: skip
+        self.keeper = BadRowKeeper(qpath, manifest, num_rows, max_bad_fraction,
+                                   BadMemory.from_state(memory, retry_epochs))  # fmt: skip
+        self.keeper.budget.start_epoch(epoch, bad_before)
+        self.batcher = MicroBatcher(layout, micro_batch_size, start_index, self.keeper.on_bad, manifest, "train",
+                                    known_bad=self.keeper.known)  # fmt: skip
 
     def __call__(self, table: pa.Table) -> pa.Table:
         rows = [mb.to_row() for mb in self.batcher.add(table)]
@@ -365,14 +399,18 @@ class ManifestDataSource(MicroBatchCursor):
         split: ``train`` (shuffled, jittered, endless epochs) or ``val`` (one pass in file order).
         start_sample: samples already consumed (``step * data.global_batch_size`` on resume).
         manifest_path: overrides the config's path for the split.
+        data_state: the ``data_state`` a checkpoint recorded (:meth:`checkpoint_extras`): the bad-row facts and the
+            exact plan position at ``start_sample``. ``None`` (a fresh run, or an older checkpoint) replays the
+            position from the quarantine file.
 
     Raises:
-        ValueError: a missing manifest, a tokenizer/config mismatch or a ``start_sample`` that is not a whole
-            number of micro-batches (before any decode work starts).
+        ValueError: a missing manifest, a tokenizer/config mismatch, a ``start_sample`` that is not a whole
+            number of micro-batches, or a ``data_state`` of another manifest/split/position (before any decode work
+            starts).
     """
 
     def __init__(self, cfg: Any, split: str = "train", start_sample: int = 0, *,
-                 manifest_path: str | None = None) -> None:  # fmt: skip
+                 manifest_path: str | None = None, data_state: dict[str, Any] | None = None) -> None:  # fmt: skip
         if split not in ("train", "val"):
             raise ValueError(f"ManifestDataSource split={split!r}; use 'train' or 'val' (inference: infer.py)")
         batch = cfg.data.micro_batch_size
@@ -385,10 +423,15 @@ class ManifestDataSource(MicroBatchCursor):
         self.tokenizer = ChatTokenizer.from_config(cfg)
         self.layout = BatchLayout.from_config(cfg)
         self.quarantine_file = quarantine_path(cfg.train.output_dir)
-        self.log = QuarantineLog(self.quarantine_file, self.manifest.path)
-        self.budget = BadBudget(len(self.manifest), cfg.data.max_bad_fraction, self.manifest.path)
         self.plan = EpochPlan(len(self.manifest), cfg.data.seed, split == "train" and cfg.data.shuffle)
         self.next_micro = start_sample // batch
+        self._index = {rid: i for i, rid in enumerate(self.manifest.ids)}
+        self._restored: Position | None = None
+        memory = self._file_memory()
+        if data_state is not None:
+            memory.merge(self._check_state(data_state, start_sample))
+        self.keeper = BadRowKeeper(self.quarantine_file, self.manifest.path, len(self.manifest),
+                                   cfg.data.max_bad_fraction, memory)  # fmt: skip
         _ensure_ray(cfg)
         import ray
 
@@ -396,6 +439,68 @@ class ManifestDataSource(MicroBatchCursor):
         self._opts = DecodeOptions.from_config(cfg, SPLIT_MODES[split], self.tokenizer, self._manifest_ref)
         self._stream: Any = None
         self._coordinators: list[Any] = []
+        self._registries: list[Any] = []
+
+    @property
+    def log(self) -> Any:
+        """The quarantine writer of the driver's stream."""
+        return self.keeper.log
+
+    @property
+    def budget(self) -> Any:
+        """The bad-data gate of the driver's stream."""
+        return self.keeper.budget
+
+    # ----- bad-row memory
+    def _file_memory(self) -> BadMemory:
+        return memory_of(self.quarantine_file, self.manifest.path, self.split, self.cfg.data.decode_retry_epochs)
+
+    def _check_state(self, state: dict[str, Any], start_sample: int) -> BadMemory:
+        """The memory of a checkpoint's ``data_state`` (and its exact position), after checking it belongs here."""
+        where = f"the checkpoint's data_state (split {state.get('split')!r}, manifest {state.get('manifest')!r})"
+        if state.get("version") != DATA_STATE_VERSION:
+            raise ValueError(f"{where} has version {state.get('version')!r}; expected {DATA_STATE_VERSION}")
+        if state.get("split") != self.split or state.get("manifest") != self.manifest.path:
+            raise ValueError(f"{where} does not belong to split {self.split!r} of {self.manifest.path!r}")
+        if state.get("num_rows") != len(self.manifest):
+            raise ValueError(f"{where} was recorded for {state.get('num_rows')} rows; the manifest now has "
+                             f"{len(self.manifest)}")  # fmt: skip
+        pos = state.get("position") or {}
+        if pos.get("samples") != start_sample:
+            raise ValueError(f"{where} was recorded at sample {pos.get('samples')}, not at start_sample={start_sample}")
+        self._restored = Position(start_sample, int(pos["epoch"]), int(pos["rows_consumed"]),
+                                  int(pos.get("bad_before", 0)))  # fmt: skip
+        return BadMemory.from_state(state.get("memory"), self.cfg.data.decode_retry_epochs)
+
+    def _memory(self) -> BadMemory:
+        """Every fact known now: this source's, and those the collate actor wrote to the quarantine file."""
+        return self.keeper.memory.copy().merge(self._file_memory())
+
+    def _bad_rows_of(self, memory: BadMemory) -> Callable[[int], set[int]]:
+        """``epoch → manifest rows bad in it`` by ``memory``'s verdicts."""
+        ids = [rid for rid in memory.deterministic.keys() | memory.transient.keys() if rid in self._index]
+
+        def bad(epoch: int) -> set[int]:
+            return {self._index[rid] for rid in ids if memory.verdict(rid, epoch) is not None}
+
+        return bad
+
+    def _known(self, memory: BadMemory, epoch: int) -> dict[int, str]:
+        """``{manifest row: stage}`` of the rows ``memory`` knows bad in ``epoch`` (not decoded)."""
+        known = {}
+        for rid in memory.deterministic.keys() | memory.transient.keys():
+            stage = memory.verdict(rid, epoch)
+            if stage is not None and rid in self._index:
+                known[self._index[rid]] = stage
+        return known
+
+    def _locate(self) -> tuple[int, int, int]:
+        """``(epoch, rows consumed in it, bad rows before)`` of the next sample to hand out."""
+        if self._restored is not None and self._restored.samples == self.samples_consumed:
+            r = self._restored
+            return r.epoch, r.rows_consumed, r.bad_before
+        memory = self._memory()
+        return self.plan.locate(self.samples_consumed, self._bad_rows_of(memory), memory.horizon())
 
     # ----- positions
     @property
@@ -403,38 +508,49 @@ class ManifestDataSource(MicroBatchCursor):
         """Distinct bad rows of this manifest in the quarantine file (this run and earlier ones)."""
         return len(bad_ids(self.quarantine_file, self.manifest.path) | {b.id for b in self.log.new})
 
-    def _bad_rows(self) -> set[int]:
-        ids = bad_ids(self.quarantine_file, self.manifest.path) | {b.id for b in self.log.new}
-        index = {rid: i for i, rid in enumerate(self.manifest.ids)}
-        return {index[i] for i in ids if i in index}
-
     def position(self) -> Position:
         """The plan position of the next sample to hand out."""
-        epoch, rows, _ = self.plan.locate(self.samples_consumed, self._bad_rows())
-        return Position(self.samples_consumed, epoch, rows)
+        return Position(self.samples_consumed, *self._locate())
+
+    def data_state(self) -> dict[str, Any]:
+        """What a resumed run needs to consume exactly the sample ids this one would: the exact plan position and
+        every bad-row fact (deterministic ids with the epoch they failed in; transient outcomes per epoch).
+        Restore with ``ManifestDataSource(cfg, split, start_sample=state["position"]["samples"], data_state=state)``.
+        """
+        return {
+            "version": DATA_STATE_VERSION,
+            "split": self.split,
+            "manifest": self.manifest.path,
+            "num_rows": len(self.manifest),
+            "seed": self.cfg.data.seed,
+            "position": self.position().to_dict(),
+            "memory": self._memory().to_state(),
+        }
 
     def checkpoint_extras(self) -> dict[str, Any]:
-        """JSON-able state for the checkpoint: tokenizer, chat template, special-token ids and the data position."""
+        """JSON-able state for the checkpoint: tokenizer, chat template, special-token ids, the data position and
+        the ``data_state`` (:meth:`data_state`).
+        """
         tok = self.tokenizer.to_dict()
+        state = self.data_state()
         return {
             "tokenizer": tok,
             "chat_template": tok["chat_template"],
             "special_token_ids": tok["special_tokens"],
-            "data_position": {"split": self.split, "manifest": self.manifest.path, **self.position().to_dict()},
+            "data_position": {"split": self.split, "manifest": self.manifest.path, **state["position"]},
+            "data_state": state,
         }
 
     # ----- the driver's stream
-    def _on_bad(self, epoch: int, bad: BadRow) -> None:
-        self.log.add(bad)
-        self.budget.add(epoch, bad)
-
     def _driver_batches(self) -> Any:
-        epoch, offset, bad_before = self.plan.locate(self.samples_consumed, self._bad_rows())
+        epoch, offset, bad_before = self._locate()
         self.budget.start_epoch(epoch, bad_before)
-        batcher = MicroBatcher(self.layout, self.cfg.data.micro_batch_size, self.next_micro, self._on_bad,
-                               self.manifest.path, self.split)  # fmt: skip
+        batcher = MicroBatcher(self.layout, self.cfg.data.micro_batch_size, self.next_micro, self.keeper.on_bad,
+                               self.manifest.path, self.split, known_bad=self.keeper.known)  # fmt: skip
         while True:
-            ds = decode_dataset([self.plan.table(epoch, offset)], self._opts, self.cfg, logical_cpus=not self.finite)
+            # Planned one epoch at a time: every row found bad so far is skipped without decoding.
+            plan = self.plan.table(epoch, offset, known=self._known(self.keeper.memory, epoch))
+            ds = decode_dataset([plan], self._opts, self.cfg, logical_cpus=not self.finite)
             blocks = ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2)
             try:
                 for table in blocks:
@@ -478,7 +594,8 @@ class ManifestDataSource(MicroBatchCursor):
         ``r, r + n, r + 2n, …`` of each step (identical to :meth:`next_step`'s).
 
         The plan covers ``train.max_steps`` (plus slack for bad rows) from here; streams are pulled by the actors
-        directly (``streaming_split``), never through the driver.
+        directly (``streaming_split``), never through the driver. Rows known bad now are planned as known; rows found
+        bad while streaming are skipped in later epochs through a shared :class:`BadRowRegistry` actor.
         """
         if self.finite:
             raise ValueError("rank_streams() serves the endless train split; use next_step() for val")
@@ -486,21 +603,29 @@ class ManifestDataSource(MicroBatchCursor):
             raise ValueError(f"{self.micro_per_step} micro-batches per step do not split over {num_ranks} ranks")
         import ray
 
-        epoch, offset, bad_before = self.plan.locate(self.samples_consumed, self._bad_rows())
+        epoch, offset, bad_before = self._locate()
+        memory = self._memory()
         plans, rows, e, start = [], 0, epoch, offset
         need = self._rows_to_plan()
         while rows < need:
-            plans.append(self.plan.table(e, start))
+            plans.append(self.plan.table(e, start, known=self._known(memory, e)))
             rows += plans[-1].num_rows
             e, start = e + 1, 0
-        ds = decode_dataset(plans, self._opts, self.cfg, one_row_blocks=True)
+        ids = self.manifest.ids
+        first_ids = [ids[r] for r in plans[0].column("row").to_pylist()] if plans else []
+        registry = ray.remote(num_cpus=0)(BadRowRegistry).remote(memory.to_state(), memory.retry_epochs, epoch,
+                                                                 first_ids)  # fmt: skip
+        self._registries.append(registry)
+        opts = replace(self._opts, registry=[registry])
+        ds = decode_dataset(plans, opts, self.cfg, one_row_blocks=True)
         ds = ds.map_batches(
             _CollateFn,
             fn_constructor_kwargs={
                 "layout": self.layout, "micro_batch_size": self.cfg.data.micro_batch_size,
                 "start_index": self.next_micro, "qpath": str(self.quarantine_file), "manifest": self.manifest.path,
                 "num_rows": len(self.manifest), "max_bad_fraction": self.cfg.data.max_bad_fraction,
-                "epoch": epoch, "bad_before": bad_before,
+                "epoch": epoch, "bad_before": bad_before, "memory": memory.to_state(),
+                "retry_epochs": memory.retry_epochs,
             },  # fmt: skip
             batch_size=clips_per_task(len(self.manifest), self.cfg.data.num_decode_workers),
             batch_format="pyarrow",
@@ -520,13 +645,14 @@ class ManifestDataSource(MicroBatchCursor):
         if self._stream is not None:
             self._stream.close()
             self._stream = None
-        for coord in self._coordinators:
-            if coord is not None:
+        for actor in [*self._coordinators, *self._registries]:
+            if actor is not None:
                 try:
-                    ray.kill(coord)
+                    ray.kill(actor)
                 except Exception:  # already gone
                     pass
         self._coordinators = []
+        self._registries = []
 
 
 def prompt_streams(*args: Any, **kwargs: Any) -> Any:

@@ -3,26 +3,31 @@
 Runs as a Ray Data ``map_batches`` task. Per sample, cheapest checks first: the manifest row itself, tags against
 media fields and the model's modalities, the tokenised length, then media decoding in the isolated child process
 (:mod:`mimo_ray.data.isolation`) with ``data.decode_timeout_s`` and ``data.decode_retries``. Nothing raises for a bad
-sample: it becomes a row with ``ok=False`` and its stage, so rows in = rows out + rows quarantined.
+sample: it becomes a row with ``ok=False`` and its stage, so rows in = rows out + rows quarantined. A plan row already
+known bad (``known``, or by the shared :class:`~mimo_ray.data.bad_memory.BadRowRegistry`) is not decoded again.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
+from mimo_ray.data.bad_memory import WAIT
 from mimo_ray.data.collate import DECODED_SCHEMA, MODALITY_COLUMNS
-from mimo_ray.data.isolation import FAULTS_ENV, DecodeProcess, decode_isolated
+from mimo_ray.data.isolation import FAULTS_ENV, TRACE_ENV, DecodeProcess, decode_isolated
 from mimo_ray.data.manifest import MODALITY_FIELDS, first_media_path
+from mimo_ray.data.quarantine import kind_of
 from mimo_ray.data.sample_media import MediaSpec, request_paths
 from mimo_ray.data.tokenizer import MODALITY_TAGS, ChatTokenizer, TokenizeError, count_tags
 
 MODES = ("train", "eval", "infer")
+_REGISTRY_TIMEOUT_S = 60.0
 
 
 @dataclass
@@ -37,7 +42,11 @@ class DecodeOptions:
         media: shapes and feature settings.
         timeout_s, retries: ``data.decode_timeout_s``, ``data.decode_retries``.
         manifest_ref: ``[ObjectRef]`` of the manifest table (a list, so Ray does not resolve it on the way).
-        faults: ``{file name or id: "hang"|"abort"|"exit"}`` (tests; from ``MIMO_RAY_DECODE_FAULTS``).
+        faults: ``{file name or id: "hang"|"abort"|"exit"}``, or ``"hang-once"`` etc. for the first try of that
+            row in the whole test only (tests; from ``MIMO_RAY_DECODE_FAULTS``).
+        trace: a folder where every row decoded is appended to ``decoded.txt`` as ``<epoch> <id>`` and "-once"
+            faults leave their marks (tests; from ``MIMO_RAY_DECODE_TRACE``); ``""``: none.
+        registry: ``[BadRowRegistry actor]`` to ask before decoding and to tell of failures, or ``[]``.
     """
 
     mode: str
@@ -48,12 +57,17 @@ class DecodeOptions:
     retries: int
     manifest_ref: list = field(default_factory=list)
     faults: dict[str, str] = field(default_factory=dict)
+    trace: str = ""
+    registry: list = field(default_factory=list)
 
     @classmethod
     def from_config(cls, cfg: Any, mode: str, tokenizer: ChatTokenizer, manifest_ref: Any) -> DecodeOptions:
         if mode not in MODES:
             raise ValueError(f"decode mode {mode!r}; known: {', '.join(MODES)}")
-        faults = os.environ.get(FAULTS_ENV)
+        faults = json.loads(os.environ.get(FAULTS_ENV) or "{}")
+        trace = os.environ.get(TRACE_ENV, "")
+        if any(f.endswith("-once") for f in faults.values()) and not trace:
+            raise ValueError(f"{FAULTS_ENV} has a '-once' fault; it needs the folder {TRACE_ENV} to mark it done")
         return cls(
             mode=mode,
             seed=cfg.data.seed,
@@ -62,7 +76,8 @@ class DecodeOptions:
             timeout_s=cfg.data.decode_timeout_s,
             retries=cfg.data.decode_retries,
             manifest_ref=[manifest_ref],
-            faults=json.loads(faults) if faults else {},
+            faults=faults,
+            trace=trace,
         )
 
 
@@ -119,15 +134,26 @@ def check_tags(conversations: Any, row: dict[str, Any], modalities: tuple[str, .
     return None
 
 
-def _fault(row: dict[str, Any], request: dict[str, Any], faults: dict[str, str]) -> str | None:
+def _fault(row: dict[str, Any], request: dict[str, Any], opts: DecodeOptions) -> str | None:
+    faults = opts.faults
     if not faults:
         return None
-    if row["id"] in faults:
-        return faults[row["id"]]
+    fault = faults.get(row["id"])
     for path in request_paths(request):
-        if os.path.basename(path) in faults:
-            return faults[os.path.basename(path)]
-    return None
+        fault = fault or faults.get(os.path.basename(path))
+    if fault and fault.endswith("-once"):
+        try:  # the first try of this row anywhere creates the mark; later tries find it and decode normally
+            os.close(os.open(os.path.join(opts.trace, f"fault-done-{row['id']}"), os.O_CREAT | os.O_EXCL))
+        except FileExistsError:
+            return None
+        return fault.removesuffix("-once")
+    return fault
+
+
+def _trace(opts: DecodeOptions, plan: dict[str, Any], row: dict[str, Any]) -> None:
+    if opts.trace:
+        with open(os.path.join(opts.trace, "decoded.txt"), "a", encoding="utf-8") as f:
+            f.write(f"{plan['epoch']} {row['id']}\n")
 
 
 def prepare_row(plan: dict[str, Any], row: dict[str, Any], opts: DecodeOptions) -> dict[str, Any]:
@@ -142,6 +168,7 @@ def prepare_row(plan: dict[str, Any], row: dict[str, Any], opts: DecodeOptions) 
         out.update(stage=stage, error=error)
         return out
 
+    _trace(opts, plan, row)
     if row.get("error"):
         return bad("manifest", row["error"])
     conversations = json.loads(row["conversations"])
@@ -160,7 +187,7 @@ def prepare_row(plan: dict[str, Any], row: dict[str, Any], opts: DecodeOptions) 
         "train": opts.mode == "train",
         "seed": [opts.seed, plan["epoch"], plan["row"]],
     }
-    request["fault"] = _fault(row, request, opts.faults)
+    request["fault"] = _fault(row, request, opts)
     outcome = decode_isolated(_process(opts.media), request, opts.timeout_s, opts.retries)
     if outcome.arrays is None:
         return bad(outcome.stage, outcome.error)
@@ -178,17 +205,71 @@ def prepare_row(plan: dict[str, Any], row: dict[str, Any], opts: DecodeOptions) 
     return out
 
 
+def _registry_call(opts: DecodeOptions, method: str, *args: Any) -> Any:
+    """Call the shared bad-row registry; ``None`` when there is none or it does not answer (an optimisation only)."""
+    if not opts.registry:
+        return None
+    import ray
+
+    try:
+        return ray.get(getattr(opts.registry[0], method).remote(*args), timeout=_REGISTRY_TIMEOUT_S)
+    except Exception:  # a dead or slow registry costs decode work, never correctness
+        return None
+
+
+def _await_verdict(opts: DecodeOptions, key: tuple[str, int], deadline: float) -> str | None:
+    """Wait until the row's previous appearance is decoded (by an earlier task); then its verdict, or ``None`` to
+    decode it. Gives up at ``deadline`` (the task that held it may have died) and decodes the row.
+    """
+    while time.monotonic() < deadline:
+        answer = _registry_call(opts, "ask", [key])
+        if answer is None or answer[0] != WAIT:
+            return answer[0] if answer else None
+        time.sleep(0.1)
+    return None
+
+
+def known_row(plan: dict[str, Any], row: dict[str, Any], stage: str) -> dict[str, Any]:
+    """The :data:`DECODED_SCHEMA` row of a plan row known bad with ``stage`` (not decoded)."""
+    out = {**dict.fromkeys(DECODED_SCHEMA.names), "pos": plan["pos"], "epoch": plan["epoch"], "row": plan["row"]}
+    out.update(id=row["id"], ok=False, stage=stage, path=first_media_path(row),
+               error=f"known bad ({stage}) from an earlier epoch or run; not decoded again")  # fmt: skip
+    return out
+
+
 def decode_batch(plan: pa.Table, opts: DecodeOptions) -> pa.Table:
-    """The ``map_batches`` UDF: a block of plan rows → decoded rows, same order."""
+    """The ``map_batches`` UDF: a block of plan rows → decoded rows, same order. Rows known bad (the plan's
+    ``known`` column, or the shared registry) are not decoded; failures met are told to the registry.
+    """
     manifest = _manifest(opts.manifest_ref[0])
     plans = plan.to_pylist()
     rows = manifest.take(pa.array([p["row"] for p in plans], type=pa.int64())).to_pylist()
-    out = []
-    for p, r in zip(plans, rows, strict=True):
-        try:
-            out.append(prepare_row(p, r, opts))
-        except Exception as err:  # a bug or an unexpected library error costs this sample, with a record
-            fallback = {"pos": p["pos"], "epoch": p["epoch"], "row": p["row"], "id": r["id"], "ok": False,
-                        "stage": "error", "error": f"{type(err).__name__}: {err}", "path": first_media_path(r)}
-            out.append({**dict.fromkeys(DECODED_SCHEMA.names), **fallback})  # fmt: skip
+    known = [p.get("known") for p in plans]
+    keys = [(r["id"], int(p["epoch"])) for p, r in zip(plans, rows, strict=True)]
+    asked = _registry_call(opts, "ask", keys) or [None] * len(keys)
+    # Waiting for an earlier task is bounded by its longest decode of one row plus a margin.
+    deadline = time.monotonic() + opts.timeout_s * (1 + opts.retries) + _REGISTRY_TIMEOUT_S
+    out, failed_here = [], {}  # failed_here: deterministic failures of this block (an epoch boundary inside it)
+    try:
+        for i, (p, r) in enumerate(zip(plans, rows, strict=True)):
+            known[i] = known[i] or failed_here.get(r["id"]) or (asked[i] if asked[i] != WAIT else None)
+            earlier_here = any(rid == r["id"] for rid, _ in keys[:i])  # its previous appearance is in this block
+            if not known[i] and asked[i] == WAIT and not earlier_here:
+                known[i] = _await_verdict(opts, keys[i], deadline)
+            if known[i]:
+                out.append(known_row(p, r, known[i]))
+                continue
+            try:
+                out.append(prepare_row(p, r, opts))
+            except Exception as err:  # a bug or an unexpected library error costs this sample, with a record
+                fallback = {"pos": p["pos"], "epoch": p["epoch"], "row": p["row"], "id": r["id"], "ok": False,
+                            "stage": "error", "error": f"{type(err).__name__}: {err}", "path": first_media_path(r)}
+                out.append({**dict.fromkeys(DECODED_SCHEMA.names), **fallback})  # fmt: skip
+            if not out[-1]["ok"] and kind_of(out[-1]["stage"]) == "deterministic":
+                failed_here[r["id"]] = out[-1]["stage"]
+    finally:
+        # Told before the block is handed on, so a decode task planned after this one already knows.
+        failures = [(o["id"], int(o["epoch"]), o["stage"]) for o, k in zip(out, known, strict=False)
+                    if not o["ok"] and not k]  # fmt: skip
+        _registry_call(opts, "done", keys[: len(out)], failures)
     return pa.Table.from_pylist(out, schema=DECODED_SCHEMA)

@@ -4,7 +4,9 @@
     log.add(BadRow(id="syn-7", path="/data/clips/syn-7.mp4", stage="frames", error="clip has 3 frames ..."))
     log.count                      # distinct bad ids of this manifest, including those of earlier runs
 
-Rows are keyed by ``(manifest, id)``: a bad row met again (next epoch, resumed run) is not written twice.
+Rows are keyed by ``(manifest, id)``: a bad row met again (next epoch, resumed run) is not written twice. A
+transient failure (``timeout``, ``crash``, ``error``) is the outcome of one epoch: it gets one record per
+``(manifest, id, epoch)``, which :mod:`mimo_ray.data.bad_memory` reads back to replay exactly what a run consumed.
 """
 
 from __future__ import annotations
@@ -31,6 +33,10 @@ STAGES = (
     "crash",  # the decoder process died (native abort/segfault) on every try
     "error",  # any other exception while preparing the sample
 )
+#: Stages whose failure repeats whenever the row is decoded again (skipped from then on, never decoded again).
+DETERMINISTIC_STAGES = frozenset({"manifest", "tags", "text", "open", "decode", "frames", "audio", "truncated"})
+#: Stages that may pass on another try: the decoder hung or died, or an unexpected exception escaped.
+TRANSIENT_STAGES = frozenset({"timeout", "crash", "error"})
 QUARANTINE_FILE = "quarantine.jsonl"
 log = logging.getLogger("mimo_ray")
 
@@ -50,6 +56,18 @@ class BadRow:
     manifest: str = ""
     row: int = -1
     split: str = ""
+    epoch: int = -1  # the epoch it failed in (-1: not known)
+    kind: str = ""  # "deterministic" or "transient" (:func:`kind_of`); "" is taken from the stage
+
+
+def kind_of(stage: str) -> str:
+    """``"transient"`` for :data:`TRANSIENT_STAGES`, else ``"deterministic"``."""
+    return "transient" if stage in TRANSIENT_STAGES else "deterministic"
+
+
+def _key(rid: str, stage: str, epoch: int) -> tuple[str, int]:
+    """Dedup key of a record: one per deterministic id, one per transient ``(id, epoch)``."""
+    return (rid, epoch) if kind_of(stage) == "transient" else (rid, -2)
 
 
 def quarantine_path(output_dir: str | os.PathLike) -> Path:
@@ -96,20 +114,28 @@ class QuarantineLog:
         self.manifest = manifest
         self.write = write and self.path is not None
         self._lock = threading.Lock()
-        self._seen: set[str] = bad_ids(self.path, manifest) if self.path is not None else set()
+        records = read_quarantine(self.path, manifest) if self.path is not None else []
+        self._seen = {_key(str(r["id"]), str(r.get("stage", "")), int(r.get("epoch", -1))) for r in records}
+        self._ids = {rid for rid, _ in self._seen}
         self.new: list[BadRow] = []
 
     @property
     def count(self) -> int:
         """Distinct bad ids of this manifest (earlier runs included)."""
-        return len(self._seen)
+        return len(self._ids)
 
     def add(self, bad: BadRow) -> bool:
-        """Record ``bad``; returns ``False`` when its id was already quarantined."""
+        """Record ``bad``; returns ``False`` when it was already quarantined (its id, or for a transient failure its
+        id in that epoch).
+        """
         with self._lock:
-            if bad.id in self._seen:
+            key = _key(bad.id, bad.stage, bad.epoch)
+            if key in self._seen:
                 return False
-            self._seen.add(bad.id)
+            self._seen.add(key)
+            self._ids.add(bad.id)
+            if not bad.kind:
+                bad.kind = kind_of(bad.stage)
             self.new.append(bad)
             log.warning("quarantined %s [%s] %s", bad.id, bad.stage, bad.error)
             if self.write:

@@ -61,23 +61,6 @@ class MediaSpec:
         return dict(self.shapes)[modality]
 
 
-def probe_duration(path: str) -> float | None:
-    """Duration in seconds a video container declares (``None`` if it declares none or cannot be opened)."""
-    import av
-
-    try:
-        with av.open(path) as container:
-            if container.streams.video:
-                stream = container.streams.video[0]
-                if stream.duration is not None and stream.time_base is not None:
-                    return float(stream.duration * stream.time_base)
-            if container.duration is not None:
-                return container.duration / 1_000_000
-    except Exception:  # the video decode reports unreadable files with the right stage
-        return None
-    return None
-
-
 def audio_features(wave: np.ndarray, spec: MediaSpec) -> np.ndarray:
     """Mono float32 at ``spec.sample_rate`` (already ``clip_samples`` long) → ``[bins, frames]`` float32."""
     if spec.audio_backbone == "whisper":
@@ -90,7 +73,9 @@ def decode_media(request: dict[str, Any], spec: MediaSpec) -> dict[str, np.ndarr
 
     Args:
         request: ``{"video", "audio", "image"}`` absolute paths (or ``None``), ``"train"`` (jitter) and ``"seed"``
-            (``[seed, epoch, row]``). Audio comes from ``audio`` or, when that is ``None``, the video's own stream.
+            (``[seed, epoch, row]``). Audio comes from ``audio`` or, when that is ``None``, the video's own stream;
+            either way it is cut short (``truncated``) only relative to the length its own file declares, then
+            padded with zeros or cropped to ``spec.clip_samples`` whatever the video's duration.
         spec: shapes and feature settings.
 
     Returns:
@@ -111,8 +96,8 @@ def decode_media(request: dict[str, Any], spec: MediaSpec) -> dict[str, np.ndarr
     if "audio" in spec.modalities:
         rng = np.random.default_rng([*seed, 1])
         if request.get("audio"):
-            expected = probe_duration(request["video"]) if request.get("video") else None
-            wave = load_audio(request["audio"], target_sr=spec.sample_rate, expected_seconds=expected)
+            # Judged against its own header only: a track shorter or longer than the video is padded or cropped.
+            wave = load_audio(request["audio"], target_sr=spec.sample_rate)
         else:
             wave = load_audio(request["video"], target_sr=spec.sample_rate, from_video=True)
         wave = crop_or_pad(wave, spec.clip_samples, train=train, rng=rng)

@@ -143,6 +143,7 @@ class TrainLoop:
         self.runtime = self.runtime_factory(self.cfg)
         self.step = int(state["step"]) if state else 0
         self.samples = run_dir.start_sample(state, self.cfg)
+        data_state = state.get("data_state") if state else None  # bad-row memory + exact plan position (manifests)
         if found is not None:
             ckpt.restore_driver_rng(found)
             self.runtime.load_checkpoint(str(found))
@@ -153,7 +154,7 @@ class TrainLoop:
             # Decode the val batches before the train streams hold the decode workers: a second Ray Data
             # pipeline started later would wait for CPUs the first one keeps (a silent starvation, NOTES §3).
             self._eval_batches()
-        self.data = build_data_source(self.cfg, "train", start_sample=self.samples)
+        self.data = build_data_source(self.cfg, "train", start_sample=self.samples, data_state=data_state)
         if self.cfg.train.runtime == "disaggregated":
             self.runtime.set_data_iterators(self.data.rank_streams(self.cfg.parallel.encoder_dp))
         return found

@@ -148,3 +148,112 @@ def test_video_without_audio_stream_fails_at_audio(palette_clip) -> None:
     with pytest.raises(MediaError, match=r"clip\.mp4: no audio stream \(streams: video\)") as err:
         load_audio(palette_clip(4), from_video=True)
     assert err.value.stage == "audio"
+
+
+# ---------------------------------------------------------------- audio beside / inside a video (sample level)
+
+
+def _spec():
+    from mimo_ray.config import load_config
+    from mimo_ray.data.sample_media import MediaSpec
+
+    return MediaSpec.from_config(load_config("tiny"))  # 2 s clips at 16 kHz → log-mel [80, 200]
+
+
+def _request(video, audio=None) -> dict:
+    return {"video": str(video), "audio": str(audio) if audio else None, "train": False, "seed": [0, 0, 0]}
+
+
+def test_short_wav_beside_a_longer_video_is_kept_and_zero_padded(palette_clip, wav_file, media) -> None:
+    from mimo_ray.data.sample_media import audio_features, decode_media
+
+    spec = _spec()
+    video = palette_clip(32)  # 4 s at 8 fps
+    speech = media.tone(700.0, 22050, 1.4)  # 1.4 s: the narration case that was quarantined as truncated
+    wav = wav_file(speech, 22050)
+    out = decode_media(_request(video, wav), spec)
+    assert out["audio"].shape == (80, 200) and out["video"].shape == (4, 3, 32, 32)
+    wave = load_audio(wav)
+    assert wave.shape == (22400,)  # 1.4 s at 16 kHz
+    padded = np.zeros(spec.clip_samples, dtype=np.float32)
+    padded[: wave.size] = wave
+    np.testing.assert_allclose(out["audio"], audio_features(padded, spec), atol=1e-5)
+    # Frames whose window lies wholly in the zero padding (from 1.4 s + one window) hold the silence value;
+    # the frames of the speech do not.
+    tail = (wave.size + spec.n_fft) // spec.hop_length + 1
+    assert np.all(out["audio"][:, tail:] == out["audio"][:, tail:].min())
+    assert out["audio"][:, :130].max() > out["audio"][:, tail:].max() + 1.0
+    assert peak_band(padded) == nearest_band(700.0)
+
+
+def test_wav_longer_than_the_video_is_kept_and_cropped(palette_clip, wav_file, media) -> None:
+    from mimo_ray.data.sample_media import audio_features, decode_media
+
+    spec = _spec()
+    wav = wav_file(media.tone(440.0, 16000, 6.0), 16000)  # 6 s beside a 4 s video
+    out = decode_media(_request(palette_clip(32), wav), spec)
+    np.testing.assert_allclose(out["audio"], audio_features(load_audio(wav)[: spec.clip_samples], spec), atol=1e-5)
+    # Training crops at a seeded random offset, still exactly one clip.
+    train = decode_media({**_request(palette_clip(32), wav), "train": True, "seed": [1, 0, 3]}, spec)
+    assert train["audio"].shape == (80, 200)
+
+
+def test_truncated_wav_beside_a_video_is_still_quarantined(palette_clip, wav_file, media) -> None:
+    from mimo_ray.data.sample_media import decode_media
+
+    wav = wav_file(media.tone(440.0, 22050, 1.0), 22050, name="cut.wav")
+    data = wav.read_bytes()
+    wav.write_bytes(data[: len(data) // 3])  # the RIFF header still declares 22050 frames
+    with pytest.raises(MediaError, match=r"cut\.wav: decoded \d+ audio samples but the header declares 22050") as err:
+        decode_media(_request(palette_clip(32), wav), _spec())
+    assert err.value.stage == "truncated"
+
+
+def _write_mkv(path, seconds: float, media) -> None:
+    """Matroska with interleaved H.264 (8 fps) and AAC (16 kHz) of ``seconds``; declares no mp4-style stream length."""
+    from fractions import Fraction
+
+    import av
+
+    frames, wave = media.palette_frames(int(8 * seconds)), media.tone(440.0, 16000, seconds)
+    with av.open(str(path), "w", format="matroska") as container:
+        video = container.add_stream("libx264", rate=Fraction(8))
+        video.width = video.height = 32
+        video.pix_fmt = "yuv420p"
+        audio = container.add_stream("aac", rate=16000)
+        audio.layout = "mono"
+        pos = 0
+        for k, frame in enumerate(frames):
+            container.mux(video.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+            while pos < min(wave.size, (k + 1) * 2000):
+                chunk = av.AudioFrame.from_ndarray(wave[None, pos : pos + 1024], format="fltp", layout="mono")
+                chunk.sample_rate, chunk.pts = 16000, pos
+                container.mux(audio.encode(chunk))
+                pos += 1024
+        container.mux(video.encode(None))
+        container.mux(audio.encode(None))
+
+
+def test_muxed_audio_that_ends_early_is_still_truncated(tmp_path, media) -> None:
+    from mimo_ray.data.sample_media import decode_media
+
+    whole = tmp_path / "whole.mkv"
+    _write_mkv(whole, 4.0, media)
+    assert abs(load_audio(whole, from_video=True).size - 64000) < 2048
+    cut = tmp_path / "cut.mkv"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])  # the segment header still says 4 s
+    with pytest.raises(MediaError, match=r"cut\.mkv: decoded \d+ audio samples but the header declares 6\d{4}") as err:
+        load_audio(cut, from_video=True)
+    assert err.value.stage == "truncated"
+    with pytest.raises(MediaError, match=r"cut\.mkv") as err:  # the frames are still there: audio is the catch
+        decode_media(_request(cut), _spec())
+    assert err.value.stage == "truncated"
+
+
+def test_muxed_audio_track_shorter_than_its_video_is_padded(palette_clip, media) -> None:
+    from mimo_ray.data.sample_media import decode_media
+
+    video = palette_clip(32, audio=(media.tone(440.0, 16000, 1.0), 16000))  # the AAC track declares 1 s of 4 s
+    out = decode_media(_request(video), _spec())
+    assert out["audio"].shape == (80, 200)
+    assert out["audio"][:, 120:].max() < out["audio"][:, :90].max() - 1.0  # speech, then padding

@@ -58,7 +58,10 @@ def data(tmp_path_factory, synthetic_module, media):
     (root / "clips" / "text.mp4").write_text("this is not a video\n")
     media.write_mp4(root / "clips" / "two_frames.mp4", media.palette_frames(2))
     silent = next(r for r in rows if "audio" in r)  # its mp4 has no audio stream
-    soundfile.write(root / "audio" / "short.wav", media.tone(440.0, 22050, 0.2), 22050, subtype="PCM_16")
+    # A WAV cut short: its header declares 1 s, the file holds a third (a WAV shorter than its video is valid).
+    soundfile.write(root / "audio" / "short.wav", media.tone(440.0, 22050, 1.0), 22050, subtype="PCM_16")
+    wav = (root / "audio" / "short.wav").read_bytes()
+    (root / "audio" / "short.wav").write_bytes(wav[: len(wav) // 3])
     muxed = next(r for r in rows if "audio" not in r)
     bad = [
         _row("bad-missing", "clips/missing.mp4"),
