@@ -227,9 +227,10 @@ class FakeCluster:
 
     def log_tail(self, chars: int = 3000) -> str:
         parts = [(self.workdir / "ray_start.log").read_text()[-chars:]]
-        monitor = sorted(self.temp_dir.glob("session_*/logs/monitor.log"))
-        if monitor:
-            parts.append(monitor[-1].read_text()[-chars:])
+        for name in ("monitor.log", "raylet.out"):  # the head raylet dies on a starved box ("Check failed")
+            found = sorted(self.temp_dir.glob(f"session_*/logs/{name}"))
+            if found:
+                parts.append(f"--- {name}\n" + found[-1].read_text(errors="replace")[-chars:])
         return "\n".join(parts)
 
     # ----- state

@@ -60,8 +60,8 @@ class Job:
                 self.submission_id = client.submit_job(entrypoint=entrypoint)
                 break
             except (RuntimeError, OSError) as err:  # "No available agent", or the request dropped meanwhile
-                if time.monotonic() > deadline:
-                    raise
+                if time.monotonic() > deadline or cluster.head.poll() is not None:
+                    raise RuntimeError(f"job submission failed: {err}\n{cluster.log_tail()}") from err
                 print(f"submit retry: {type(err).__name__}: {str(err)[:120]}", flush=True)
                 time.sleep(2)
         self.first_alive: dict[str, float] = {}
