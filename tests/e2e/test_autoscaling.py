@@ -58,6 +58,7 @@ class Job:
         while True:  # the job agent can come up many seconds after the dashboard answers (a loaded box)
             try:
                 self.submission_id = client.submit_job(entrypoint=entrypoint)
+                self.t_submit = time.monotonic()  # times below count from the accepted submission
                 break
             except (RuntimeError, OSError) as err:  # "No available agent", or the request dropped meanwhile
                 if time.monotonic() > deadline or cluster.head.poll() is not None:
@@ -109,9 +110,11 @@ def _placements(cluster: FakeCluster, job: Job) -> dict[str, list[str]]:
         else:
             continue
         placed.setdefault(key, []).append(pools.get(node, node))
-    for name, node, _, _ in events["tasks"]:
+    for name, node, _, resources in events["tasks"]:
         if "decode_batch" in name:
-            placed.setdefault("decode", []).append(pools.get(node, node))
+            # A task Ray Data cancelled at the end never ran anywhere: it must still have asked for the pool.
+            where = pools.get(node, node) if node else ("cpu_decode" if "cpu_decode" in resources else "anywhere")
+            placed.setdefault("decode", []).append(where)
     return placed
 
 
