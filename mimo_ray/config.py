@@ -420,6 +420,9 @@ class ParallelConfig:
     # group (one actor, own placement group and world), fed the LM's generation-token states, returning their grads.
     decoder_placement: str = "lm"
     decoder_resources: dict[str, float] = field(default_factory=dict)
+    # Custom resource that Ray Data decode tasks and the collate actor ask for: "auto" = cpu_decode (ray_cluster.yaml's
+    # decode pool) when the cluster has it, else run anywhere; "none" = never; a name = always (autoscalers scale it).
+    decode_resource: str = "auto"
     # Encoder forwards submitted ahead of their backward (1: forward of micro-batch i+1 overlaps LM work on i).
     prefetch_microbatches: int = 1
     # torch intra-op threads in every stage process (actors and the fused runtime); 1 keeps CPU runs bit-exact

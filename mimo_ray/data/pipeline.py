@@ -27,6 +27,11 @@ honoured: the resumed run yields the sample ids an uninterrupted run would.
 minus what the stage actors reserve (``resource_limits``), with fractional CPUs when that is less than one per
 worker, so decode can neither starve the stages nor be starved by them (NOTES §3). The pipeline picks its own
 settings: operator resource reservation off and ~15 clips per task (NOTES §4: 0.93 of a process pool).
+
+**Decode pool.** On a cluster with a decode pool (``ray_cluster.yaml``'s ``cpu_decode`` nodes expose a custom
+resource of the same name), decode tasks and the collate actor ask for that resource, so they run on the pool (and an
+autoscaler grows it for them); the CPU budget is then the pool's. Without it they run anywhere
+(``parallel.decode_resource``: ``auto``, a resource name to always ask for, or ``none``).
 """
 
 from __future__ import annotations
@@ -57,6 +62,10 @@ PLAN_SCHEMA = pa.schema([("pos", pa.int64()), ("epoch", pa.int64()), ("row", pa.
 DATA_STATE_VERSION = 1
 SPLIT_MODES = {"train": "train", "val": "eval", "infer": "infer", "validate": "eval"}
 _GET_TIMEOUT_S = 300.0
+#: ``ray_cluster.yaml``'s decode pool and the custom resource its nodes expose (same name).
+DECODE_POOL = "cpu_decode"
+#: How much of the pool resource the collate actor holds (a token amount: it only pins the actor to the pool).
+COLLATE_POOL_SHARE = 0.01
 
 
 def clips_per_task(num_rows: int, workers: int) -> int:
@@ -73,14 +82,42 @@ def stage_cpu_reservation(cfg: Any) -> float:
     return float(required_resources(group_specs(cfg)).get("CPU", 0.0))
 
 
-def decode_resources(cfg: Any) -> tuple[float, float]:
+def decode_pool(cfg: Any) -> str | None:
+    """The custom resource decode work asks for, or ``None`` to run anywhere.
+
+    ``parallel.decode_resource``: ``auto`` → :data:`DECODE_POOL` when the cluster has it; ``none`` → never; any other
+    name → always (an autoscaler starts the pool's nodes for the pending tasks).
+    """
+    name = cfg.parallel.decode_resource
+    if name == "none":
+        return None
+    if name != "auto":
+        return name
+    import ray
+
+    return DECODE_POOL if ray.cluster_resources().get(DECODE_POOL, 0.0) > 0 else None
+
+
+def pool_remote_args(pool: str | None, amount: float) -> dict[str, Any]:
+    """Ray remote arguments that pin a task or actor to the decode pool (``{}`` when there is none)."""
+    return {"resources": {pool: amount}} if pool else {}
+
+
+def decode_resources(cfg: Any, pool: str | None = None) -> tuple[float, float]:
     """``(CPU budget for Ray Data, CPUs per decode task)``.
+
+    With a decode ``pool`` the budget is the pool's resource (the stage actors live elsewhere); a pool that has no
+    node yet gets one slot per decode worker, which the autoscaler then provides.
 
     Raises:
         RuntimeError: no CPU is left for decoding once the stage actors' share is set aside.
     """
     import ray
 
+    workers = cfg.data.num_decode_workers
+    if pool is not None:
+        budget = float(ray.cluster_resources().get(pool, 0.0)) or float(workers)
+        return budget, max(min(1.0, math.floor(100 * budget / workers) / 100), 0.01)
     total = float(ray.cluster_resources().get("CPU", 0.0))
     reserved = stage_cpu_reservation(cfg)
     budget = total - reserved
@@ -274,14 +311,17 @@ def decode_dataset(
     """
     import ray
 
-    budget, per_task = decode_resources(cfg)
+    pool = decode_pool(cfg)
+    budget, per_task = decode_resources(cfg, pool)
     if not logical_cpus:
         per_task = 0
     plan = pa.concat_tables(plans) if plans else PLAN_SCHEMA.empty_table()
     workers = cfg.data.num_decode_workers
     step = clips_per_task(plan.num_rows, workers)
     blocks = [plan.slice(i, step) for i in range(0, plan.num_rows, step)] or [plan]
-    ds = ray.data.from_arrow(blocks)
+    # from_blocks reads block metadata here; from_arrow runs a 1-CPU task per block wherever Ray likes, which on an
+    # autoscaling cluster is demand that starts a stage pool's node for nothing (seen on the fake cluster).
+    ds = ray.data.from_blocks(blocks)
     configure_context(ds.context, budget, one_row_blocks)
     return ds.map_batches(
         decode_batch,
@@ -290,6 +330,7 @@ def decode_dataset(
         batch_format="pyarrow",
         compute=ray.data.TaskPoolStrategy(size=workers),
         num_cpus=per_task,
+        **pool_remote_args(pool, per_task or COLLATE_POOL_SHARE),
     )
 
 
@@ -633,6 +674,7 @@ class ManifestDataSource(MicroBatchCursor):
             # race for the UDF lock and a later batch can be collated first (seen in CI: "pos 0 after 3").
             compute=ray.data.ActorPoolStrategy(size=1, max_tasks_in_flight_per_actor=1),
             num_cpus=0,
+            **pool_remote_args(decode_pool(self.cfg), COLLATE_POOL_SHARE),
         )
         shards = ds.streaming_split(num_ranks, equal=False)
         self._coordinators.append(getattr(shards[0], "_coord_actor", None))

@@ -3,7 +3,7 @@
 A checkpoint stores the resolved config it was trained with. Resuming compares it with the current one field by
 field (dotted paths). A field listed in :data:`SAFE_ON_RESUME` (or under a prefix listed there) may change: the change
 is logged and reported. Every other difference is refused, naming the fields: the model's shape, the data (paths,
-order, batch size, tokenizer, seeds), the runtime and the parallel layout all decide what a checkpoint holds or which
+order, batch size, tokenizer, seeds), the runtime and the encoder grouping all decide what a checkpoint holds or which
 samples come next. Deny is the default, so a new config field is refused on resume until it is listed here.
 """
 
@@ -51,6 +51,13 @@ SAFE_ON_RESUME: tuple[str, ...] = (
     "parallel.decoder_resources",
     "parallel.prefetch_microbatches",
     "parallel.transport",
+    "parallel.decode_resource",
+    # the DP/TP layout: stage ranks reshard a checkpoint written with another TP size (stages/reshard.py), DP ranks
+    # hold replicas, and the sample order does not depend on either (resume on a smaller or larger cluster)
+    "parallel.encoder_dp",
+    "parallel.lm_dp",
+    "parallel.lm_tp",
+    "parallel.lm_micro_batch_size",
     "parallel.torch_num_threads",
     "model.recompute",
     # sections a training run does not read, and the preset label (its fields are compared one by one)

@@ -1,4 +1,4 @@
-"""A stage group (C4): N actors of one stage class in their own placement group, named for the Ray dashboard
+"""A stage group (C4): N actors of one stage class in their own placement group(s), named for the Ray dashboard
 (``mimo/<group>/<rank>.g<generation>``), each group its own torch.distributed world (rank 0's node hosts the
 rendezvous). Stage classes stay plain Python; this module is the only place they become Ray actors.
 
@@ -15,9 +15,10 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import ray
+from ray.util.placement_group import PlacementGroup
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from mimo_ray.runtime.placement import GroupSpec, create_placement_group, remove
+from mimo_ray.runtime.placement import GroupSpec, bundle_of, release, reserve
 from mimo_ray.runtime.transport import ActorLocation
 
 
@@ -58,7 +59,7 @@ def get(refs: ray.ObjectRef | list[ray.ObjectRef], timeout_s: float) -> Any:
 
 
 class ActorGroup:
-    """N actors of ``stage_cls``, one per bundle of a fresh placement group.
+    """N actors of ``stage_cls``, one per bundle of the group's placement groups (:func:`placement.reserve`).
 
     Args:
         spec: the group's shape and resources.
@@ -67,6 +68,8 @@ class ActorGroup:
         generation: version suffix of the actor names (re-creating a killed actor's name races, NOTES §6).
         placement_timeout_s: bounded wait for the placement group.
         tensor_transport: create the actors with Ray Direct Transport enabled (GPU transports).
+        pgs: the group's placement groups, already reserved (they become this group's: :meth:`kill` removes them);
+            ``None`` reserves them here.
     """
 
     def __init__(
@@ -78,14 +81,16 @@ class ActorGroup:
         generation: int,
         placement_timeout_s: float,
         tensor_transport: bool = False,
+        pgs: list[PlacementGroup] | None = None,
     ):
         self.spec = spec
         self.name = spec.name
-        self.pg = create_placement_group(spec, placement_timeout_s, generation)
+        self.pgs = pgs if pgs is not None else reserve([spec], placement_timeout_s, generation)[spec.name]
         remote_cls = ray.remote(enable_tensor_transport=True)(stage_cls) if tensor_transport else ray.remote(stage_cls)
         self.actors = []
         try:
             for rank in range(spec.num_actors):
+                pg_index, bundle = bundle_of(spec, rank)
                 options = {
                     "name": f"mimo/{spec.name}/{rank}.g{generation}",
                     "num_cpus": spec.bundle.get("CPU", 0.0),
@@ -93,7 +98,7 @@ class ActorGroup:
                     "resources": dict(spec.resources),
                     "max_restarts": 0,
                     "scheduling_strategy": PlacementGroupSchedulingStrategy(
-                        placement_group=self.pg, placement_group_bundle_index=rank
+                        placement_group=self.pgs[pg_index], placement_group_bundle_index=bundle
                     ),
                 }
                 self.actors.append(remote_cls.options(**options).remote(**stage_kwargs(rank)))
@@ -130,12 +135,12 @@ class ActorGroup:
         return [getattr(a, method).remote(*args) for a, args in zip(self.actors, args_per_rank, strict=True)]
 
     def kill(self) -> None:
-        """Kill every actor and remove the placement group (safe to call twice)."""
+        """Kill every actor and remove the placement groups (safe to call twice)."""
         for actor in self.actors:
             try:
                 ray.kill(actor, no_restart=True)
             except Exception:  # noqa: BLE001 - already dead
                 pass
         self.actors = []
-        remove(self.pg)
-        self.pg = None
+        release({self.name: self.pgs})
+        self.pgs = []

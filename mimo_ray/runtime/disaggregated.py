@@ -27,7 +27,7 @@ import torch
 from mimo_ray.config import Config
 from mimo_ray.runtime.actor_group import ActorGroup, get
 from mimo_ray.runtime.base import Batch, check_iterators, loss_scale_metrics, summarize
-from mimo_ray.runtime.placement import GroupSpec, decoder_spec, group_specs, wait_for_resources
+from mimo_ray.runtime.placement import GroupSpec, decoder_spec, group_specs, release, reserve
 from mimo_ray.runtime.routing import StepPlan, make_plan, submission_order
 from mimo_ray.runtime.transport import OBJECT_STORE, check_transport_config, choose_transport, make_transport
 from mimo_ray.stages.decoder import DecoderStage
@@ -83,7 +83,8 @@ class DisaggregatedRuntime:
         check_transport_config(cfg)  # impossible cuda_ipc layouts, NCCL without cupy: fail before any actor starts
         specs = group_specs(cfg)
         dec_spec = decoder_spec(cfg)
-        wait_for_resources([*specs, *([dec_spec] if dec_spec else [])], par.placement_timeout_s)
+        # Every group's placement groups at once: the autoscaler sees the whole demand; nothing starts unless all fit.
+        self._pgs = reserve([*specs, *([dec_spec] if dec_spec else [])], par.placement_timeout_s, self.generation)
         try:
             self._start(specs, dec_spec)
         except BaseException:
@@ -95,15 +96,16 @@ class DisaggregatedRuntime:
         par = self.cfg.parallel
         direct = par.use_gpu and par.transport != OBJECT_STORE
         common = {"generation": self.generation, "placement_timeout_s": par.placement_timeout_s}
+
+        def group(spec: GroupSpec, stage_cls: type, kwargs: Any) -> ActorGroup:
+            return ActorGroup(spec, stage_cls, kwargs, tensor_transport=direct, pgs=self._pgs.pop(spec.name), **common)
+
         for i, spec in enumerate(specs[:-1]):
-            kwargs = partial(_encoder_kwargs, self.cfg, spec, i == 0)
-            self.encoder_groups.append(ActorGroup(spec, EncoderStage, kwargs, tensor_transport=direct, **common))
+            self.encoder_groups.append(group(spec, EncoderStage, partial(_encoder_kwargs, self.cfg, spec, i == 0)))
         lm_spec = specs[-1]
-        kwargs = partial(_stage_kwargs, self.cfg, lm_spec)
-        self.lm_group = ActorGroup(lm_spec, LanguageStage, kwargs, tensor_transport=direct, **common)
+        self.lm_group = group(lm_spec, LanguageStage, partial(_stage_kwargs, self.cfg, lm_spec))
         if dec_spec is not None:
-            kwargs = partial(_stage_kwargs, self.cfg, dec_spec)
-            self.decoder_group = ActorGroup(dec_spec, DecoderStage, kwargs, tensor_transport=direct, **common)
+            self.decoder_group = group(dec_spec, DecoderStage, partial(_stage_kwargs, self.cfg, dec_spec))
         wait = par.placement_timeout_s + self.timeout_s
         enc_locations = [loc for g in self.encoder_groups for loc in g.locations(wait)]
         dec_locations = self.decoder_group.locations(wait) if self.decoder_group is not None else []
@@ -321,6 +323,8 @@ class DisaggregatedRuntime:
         """
         for group in self.groups:
             group.kill()
+        release(getattr(self, "_pgs", {}))  # reserved for groups never created
+        self._pgs = {}
         if self.transport is not None:
             self.transport.teardown(destroy_timeout_s)
             self.transport = None

@@ -18,7 +18,7 @@ from typing import Any
 
 from mimo_ray.config import Config
 from mimo_ray.runtime.actor_group import ActorGroup, get
-from mimo_ray.runtime.placement import group_specs, wait_for_resources
+from mimo_ray.runtime.placement import group_specs, release, reserve
 from mimo_ray.stages.inference import EncoderInferStage, FusedInferStage, LanguageInferStage
 
 _GENERATION = itertools.count(1000)
@@ -67,8 +67,8 @@ class DisaggregatedInferRuntime:
         self.in_flight = in_flight
         specs = group_specs(cfg)
         par = cfg.parallel
-        wait_for_resources(specs, par.placement_timeout_s)
         gen = next(_GENERATION)
+        self._pgs = pgs = reserve(specs, par.placement_timeout_s, gen)
         common = {"generation": gen, "placement_timeout_s": par.placement_timeout_s}
         enc_spec, lm_spec = specs[0], specs[-1]
         self.groups: list[ActorGroup] = []
@@ -78,6 +78,7 @@ class DisaggregatedInferRuntime:
                 EncoderInferStage,
                 lambda r: {"cfg": cfg, "modalities": list(enc_spec.modalities), "rank": r,
                            "world_size": enc_spec.num_actors, "role": enc_spec.name, "leader": True},
+                pgs=pgs.pop(enc_spec.name),
                 **common,
             )
             self.groups.append(self.encoder)
@@ -86,6 +87,7 @@ class DisaggregatedInferRuntime:
                 LanguageInferStage,
                 partial(lambda spec, r: {"cfg": cfg, "rank": r, "world_size": spec.num_actors, "role": spec.name},
                         lm_spec),
+                pgs=pgs.pop(lm_spec.name),
                 **common,
             )
             self.groups.append(self.lm)
@@ -156,6 +158,8 @@ class DisaggregatedInferRuntime:
         """Kill the actors and free their placement groups."""
         for group in getattr(self, "groups", []):
             group.kill()
+        release(getattr(self, "_pgs", {}))  # reserved for groups never created
+        self._pgs = {}
         self.groups = []
 
 

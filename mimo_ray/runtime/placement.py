@@ -1,9 +1,14 @@
-"""Placement of stage groups (C4): what each group's bundles ask for, a cluster-wide resource check with a readable
-"needs X, cluster has Y" error and a bounded wait, and one placement group per stage group.
+"""Placement of stage groups (C4): what each group's bundles ask for, and their placement groups, reserved all at
+once with a bounded wait and a readable "needs X, cluster has Y" error.
 
     specs = group_specs(cfg)                         # [GroupSpec("encoder-shared", …), GroupSpec("lm", …)]
-    wait_for_resources(specs, timeout_s=60)          # raises InsufficientResourcesError naming both sides
-    pg = create_placement_group(specs[0], timeout_s=60)
+    pgs = reserve(specs, timeout_s=60)               # {"encoder-shared": [pg], "lm": [pg_tp_group0, …]}
+
+The placement groups exist (pending) while the wait runs, so an autoscaling cluster sees them as resource demand and
+starts nodes of the pools whose custom resources they ask for (``encoder_gpu``, ``lm_gpu`` in ``ray_cluster.yaml``);
+a poll of ``ray.cluster_resources()`` alone is no demand (NOTES §9). Groups whose actors must share a node (the LM's
+tensor-parallel ranks) get one ``STRICT_PACK`` placement group per ``pack_size`` actors; other groups one ``PACK``
+group. Removing the placement groups (teardown, or the job ending) is what lets idle nodes scale down.
 """
 
 from __future__ import annotations
@@ -35,6 +40,8 @@ class GroupSpec:
         num_gpus: GPUs per actor (0 on CPU).
         resources: custom resources per actor (node-type pinning).
         modalities: encoder groups: the modalities they encode.
+        pack_size: actors that must share one node (``STRICT_PACK``), consecutive ranks: ``parallel.lm_tp`` for the
+            LM group, whose tensor-parallel groups are consecutive ranks (Megatron's order); 1 means no constraint.
     """
 
     name: str
@@ -44,6 +51,11 @@ class GroupSpec:
     num_gpus: float = 0.0
     resources: dict[str, float] = field(default_factory=dict)
     modalities: tuple[str, ...] = ()
+    pack_size: int = 1
+
+    def __post_init__(self) -> None:
+        if self.pack_size < 1 or self.num_actors % self.pack_size:
+            raise ValueError(f"group {self.name}: pack_size {self.pack_size} does not divide {self.num_actors} actors")
 
     @property
     def bundle(self) -> dict[str, float]:
@@ -72,7 +84,8 @@ def group_specs(cfg: Config) -> list[GroupSpec]:
         GroupSpec(name, "encoder", par.encoder_dp, par.cpus_per_actor, gpus, dict(par.encoder_resources), group)
         for name, group in layout
     ]
-    specs.append(GroupSpec("lm", "lm", par.lm_tp * par.lm_dp, par.cpus_per_actor, gpus, dict(par.lm_resources)))
+    lm_res = dict(par.lm_resources)
+    specs.append(GroupSpec("lm", "lm", par.lm_tp * par.lm_dp, par.cpus_per_actor, gpus, lm_res, pack_size=par.lm_tp))
     return specs
 
 
@@ -109,43 +122,101 @@ def describe(specs: list[GroupSpec]) -> str:
     return ", ".join(f"{s.name} {s.num_actors} x {_fmt(s.bundle)}" for s in specs)
 
 
-def wait_for_resources(specs: list[GroupSpec], timeout_s: float, poll_s: float = 1.0) -> None:
-    """Check that the cluster's total resources can hold all groups, waiting up to ``timeout_s`` for nodes to join.
+def placement_layout(spec: GroupSpec) -> list[tuple[list[dict[str, float]], str]]:
+    """The placement groups of a stage group as ``(bundles, strategy)``: one ``PACK`` group of every actor's bundle,
+    or (``pack_size > 1``) one ``STRICT_PACK`` group per ``pack_size`` consecutive ranks.
+    """
+    if spec.pack_size == 1:
+        return [([spec.bundle] * spec.num_actors, "PACK")]
+    return [([spec.bundle] * spec.pack_size, "STRICT_PACK")] * (spec.num_actors // spec.pack_size)
+
+
+def bundle_of(spec: GroupSpec, rank: int) -> tuple[int, int]:
+    """``(placement group index, bundle index)`` of actor ``rank`` in :func:`placement_layout`'s groups."""
+    if spec.pack_size == 1:
+        return 0, rank
+    return divmod(rank, spec.pack_size)
+
+
+def reserve(
+    specs: list[GroupSpec], timeout_s: float, generation: int = 0, poll_s: float = 1.0
+) -> dict[str, list[PlacementGroup]]:
+    """Create every placement group of every stage group at once and wait (bounded) until all are placed.
+
+    The pending groups are the demand an autoscaler scales up for; on failure every one of them is removed again,
+    before any actor exists.
+
+    Args:
+        specs: the stage groups.
+        timeout_s: longest wait for all groups together (``parallel.placement_timeout_s``).
+        generation: suffix of the placement group names (``mimo/lm.g2``; ``mimo/lm.g2/<i>`` for several).
+        poll_s: how often the wait checks readiness.
+
+    Returns:
+        Stage group name → its placement groups, in :func:`placement_layout` order.
 
     Raises:
-        InsufficientResourcesError: "needs X, cluster has Y" with the groups and the missing amounts.
+        InsufficientResourcesError: "needs X, cluster has Y", the missing amounts and the groups left unplaced with
+            the resources a single node of their pool must offer.
     """
+    pgs: dict[str, list[PlacementGroup]] = {}
+    try:
+        for spec in specs:
+            layout = placement_layout(spec)
+            name = f"mimo/{spec.name}.g{generation}"
+            pgs[spec.name] = [
+                placement_group(bundles, strategy=strategy, name=f"{name}/{i}" if len(layout) > 1 else name)
+                for i, (bundles, strategy) in enumerate(layout)
+            ]
+        pending = {pg.id: (spec, pg) for spec in specs for pg in pgs[spec.name]}
+        refs = {pg.ready(): key for key, (_, pg) in pending.items()}
+        deadline = time.monotonic() + timeout_s
+        while refs:
+            wait_s = max(0.0, min(poll_s, deadline - time.monotonic()))
+            ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=wait_s)
+            for ref in ready:
+                pending.pop(refs.pop(ref))
+            if refs and time.monotonic() >= deadline:
+                raise InsufficientResourcesError(_unplaced_message(specs, [s for s, _ in pending.values()], timeout_s))
+    except BaseException:
+        release(pgs)
+        raise
+    return pgs
+
+
+def _unplaced_message(specs: list[GroupSpec], unplaced: list[GroupSpec], timeout_s: float) -> str:
     need = required_resources(specs)
-    deadline = time.monotonic() + timeout_s
-    while True:
-        have = ray.cluster_resources()
-        missing = shortfall(need, have)
-        if not missing:
-            return
-        if time.monotonic() >= deadline:
-            shown = {k: have.get(k, 0.0) for k in need}
-            raise InsufficientResourcesError(
-                f"mimo_ray needs {_fmt(need)} for {describe(specs)}, cluster has {_fmt(shown)} "
-                f"(missing {_fmt(missing)}; waited {timeout_s:g} s, parallel.placement_timeout_s)"
-            )
-        time.sleep(poll_s)
+    have = ray.cluster_resources()
+    missing = shortfall(need, have)
+    shown = {k: have.get(k, 0.0) for k in need}
+    waiting = []
+    for spec in {s.name: s for s in unplaced}.values():
+        pools = sorted(spec.resources) or ["any node"]
+        node = required_resources([GroupSpec(spec.name, spec.kind, spec.pack_size, spec.num_cpus, spec.num_gpus,
+                                             spec.resources)])  # fmt: skip
+        waiting.append(f"{spec.name} on {'/'.join(pools)} (one node with {_fmt(node)})")
+    return (
+        f"mimo_ray needs {_fmt(need)} for {describe(specs)}, cluster has {_fmt(shown)} "
+        f"(missing {_fmt(missing)}; not placed: {', '.join(waiting)}; waited {timeout_s:g} s, "
+        "parallel.placement_timeout_s)"
+    )
 
 
-def create_placement_group(spec: GroupSpec, timeout_s: float, generation: int = 0) -> PlacementGroup:
-    """One placement group for a stage group (PACK: bundles on as few nodes as possible), ready or removed.
+def wait_for_resources(specs: list[GroupSpec], timeout_s: float, poll_s: float = 1.0) -> None:
+    """Check that the stage groups can be placed (creating their placement groups, so that an autoscaler scales up
+    for them), then release them.
 
     Raises:
-        InsufficientResourcesError: not ready within ``timeout_s`` (e.g. no single node has a bundle's mix).
+        InsufficientResourcesError: as :func:`reserve`.
     """
-    pg = placement_group([spec.bundle] * spec.num_actors, strategy="PACK", name=f"mimo/{spec.name}.g{generation}")
-    ready, _ = ray.wait([pg.ready()], timeout=timeout_s)
-    if not ready:
-        remove_placement_group(pg)
-        raise InsufficientResourcesError(
-            f"placement group for {describe([spec])} not ready after {timeout_s:g} s "
-            f"(parallel.placement_timeout_s); available now {_fmt(ray.available_resources())}"
-        )
-    return pg
+    release(reserve(specs, timeout_s, poll_s=poll_s))
+
+
+def release(pgs: dict[str, list[PlacementGroup]]) -> None:
+    """Remove every placement group of :func:`reserve`'s result (ignoring ones already gone)."""
+    for group in pgs.values():
+        for pg in group:
+            remove(pg)
 
 
 def remove(pg: PlacementGroup | None) -> None:

@@ -314,7 +314,9 @@ class Stage:
 
     @stage_call
     def load(self, path: str) -> None:
-        """Load the file :meth:`save` wrote for this TP rank (every DP replica reads it) with ``weights_only``.
+        """Load the file :meth:`save` wrote for this TP rank (every DP replica reads it) with ``weights_only``; a
+        checkpoint written with another TP size is resharded (:meth:`_resharded_state`), so a run can resume with
+        other ``parallel.lm_tp`` / ``lm_dp`` / ``encoder_dp``.
 
         Raises:
             ValueError: the file is missing or does not match the model's parameters.
@@ -325,9 +327,13 @@ class Stage:
             self._last_grads = {}
             self._in_step = False
             return
-        if not file.exists():
+        saved_tp = len(list(file.parent.glob("tp*.pt")))
+        if saved_tp and saved_tp != self.tp:
+            state = self._resharded_state(file.parent, saved_tp)
+        elif not file.exists():
             raise ValueError(f"checkpoint file {file} does not exist")
-        state = torch.load(file, map_location=self.device, weights_only=True)
+        else:
+            state = torch.load(file, map_location=self.device, weights_only=True)
         result = self.module.load_state_dict(state["model"], strict=False)
         missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
         if missing or result.unexpected_keys:
@@ -359,6 +365,27 @@ class Stage:
         if not current["master_weights"]:
             del current["master_weights"]
         self.optimizer.load_state_dict(current)
+
+    def _resharded_state(self, folder: Path, saved_tp: int) -> dict[str, Any]:
+        """The rank's model and optimizer state from a checkpoint written with another TP size (every old shard is
+        read, merged and split again, see :mod:`mimo_ray.stages.reshard`).
+
+        Raises:
+            ValueError: a shard file is missing.
+        """
+        from mimo_ray.stages.reshard import reshard_model, reshard_optimizer, tp_layouts
+
+        files = [folder / f"tp{r}.pt" for r in range(saved_tp)]
+        missing = [str(f) for f in files if not f.exists()]
+        if missing:
+            raise ValueError(f"checkpoint {folder} lacks TP shard(s) {missing} (found {saved_tp} tp*.pt files)")
+        old = [torch.load(f, map_location="cpu", weights_only=True) for f in files]
+        layouts = tp_layouts(self.module.named_parameters(), swiglu=getattr(self.cfg.model.lm, "swiglu", False))
+        names = [n for n, _ in self._named_params()]
+        model = reshard_model([o["model"] for o in old], layouts, self.tp, self.tp_rank)
+        optim = reshard_optimizer([o["optimizer"] for o in old], names, layouts, self.tp, self.tp_rank)
+        to = self.device
+        return {"model": {k: v.to(to) for k, v in model.items()}, "optimizer": optim}
 
     # ----- how a remote caller gets a verb's list of outputs -------------------------------------------------------
     def call(self, method: str, *args: Any, **kwargs: Any) -> Any:

@@ -14,8 +14,15 @@ def test_ray_cluster_yaml_passes_ray_validation():
     validate_config(prepared)
     types = prepared["available_node_types"]
     assert {"cpu_decode", "encoder_gpu", "lm_gpu"} <= set(types)
-    # The custom resources the stage placement groups and decode tasks ask for exist on exactly their pools.
-    assert types["cpu_decode"]["resources"]["decode_cpu"] > 0
+    # The custom resources the stage placement groups and decode tasks ask for exist on exactly their pools, named
+    # like the pools; the decode pool's is the one the data pipeline asks for.
+    from mimo_ray.data.pipeline import DECODE_POOL
+
+    assert DECODE_POOL == "cpu_decode"
+    assert types["cpu_decode"]["resources"]["cpu_decode"] == types["cpu_decode"]["resources"]["CPU"]
+    for name, node in types.items():
+        custom = set(node["resources"]) - {"CPU", "GPU", "memory", "object_store_memory"}
+        assert custom == ({name} if name != "head" else set()), name
     assert types["encoder_gpu"]["resources"]["encoder_gpu"] == types["encoder_gpu"]["resources"]["GPU"]
     assert types["lm_gpu"]["resources"]["lm_gpu"] == types["lm_gpu"]["resources"]["GPU"]
     for name in ("cpu_decode", "encoder_gpu", "lm_gpu"):

@@ -128,6 +128,14 @@ def test_impossible_placement_fails_before_any_actor(ray_local, small_overrides)
         "tiny", [*small_overrides, "parallel.lm_resources={lm_gpu: 1}", "parallel.placement_timeout_s=0.5"]
     )
     before = len(ray.util.list_named_actors())
+    groups_before = _live_groups()
     with pytest.raises(InsufficientResourcesError, match=r"needs \{CPU: 0.5, lm_gpu: 1\} for .* cluster has \{CPU: "):
         build_runtime(cfg)
     assert len(ray.util.list_named_actors()) == before
+    # The pending placement groups (an autoscaler's demand while waiting) were removed on failure.
+    assert _live_groups() == groups_before
+
+
+def _live_groups():
+    table = ray.util.placement_group_table().values()
+    return sorted(t["name"] for t in table if t["name"].startswith("mimo/") and t["state"] != "REMOVED")

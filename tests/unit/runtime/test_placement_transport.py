@@ -3,8 +3,12 @@ import pytest
 from mimo_ray.config import load_config
 from mimo_ray.runtime.placement import (
     InsufficientResourcesError,
+    bundle_of,
     group_specs,
+    placement_layout,
+    release,
     required_resources,
+    reserve,
     shortfall,
     wait_for_resources,
 )
@@ -40,6 +44,42 @@ def test_resource_check_names_need_and_have(ray_local):
     msg = str(err.value)
     assert "needs {CPU: 0.75, lm_gpu: 4}" in msg and "cluster has {CPU: 4, lm_gpu: 0}" in msg
     assert "missing {lm_gpu: 4}" in msg and "lm 2 x {CPU: 0.25, lm_gpu: 2}" in msg
+    # The pool at fault, and what one of its nodes must offer (the two TP ranks share a node).
+    assert "not placed: lm on lm_gpu (one node with {CPU: 0.5, lm_gpu: 4})" in msg
+    assert _live_mimo_placement_groups() == []  # the pending groups (the autoscaler's demand) are gone again
+
+
+def _live_mimo_placement_groups():
+    import ray
+
+    table = ray.util.placement_group_table().values()
+    return [t["name"] for t in table if t["name"].startswith("mimo/") and t["state"] != "REMOVED"]
+
+
+def test_tp_ranks_share_a_node_strict_pack(ray_local):
+    cfg = load_config("tiny", ["parallel.lm_tp=2", "parallel.lm_dp=2", "parallel.encoder_dp=2"])
+    enc, lm = group_specs(cfg)
+    assert (enc.pack_size, lm.pack_size) == (1, 2)
+    assert placement_layout(enc) == [([{"CPU": 0.25}] * 2, "PACK")]
+    assert placement_layout(lm) == [([{"CPU": 0.25}] * 2, "STRICT_PACK")] * 2
+    # Megatron's TP groups are consecutive ranks: ranks 0,1 → group 0; ranks 2,3 → group 1.
+    assert [bundle_of(lm, r) for r in range(4)] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert [bundle_of(enc, r) for r in range(2)] == [(0, 0), (0, 1)]
+    import ray
+
+    pgs = reserve([enc, lm], timeout_s=60, generation=77)
+    try:
+        table = ray.util.placement_group_table()
+        got = {table[pg.id.hex()]["name"]: table[pg.id.hex()]["strategy"] for g in pgs.values() for pg in g}
+        assert got == {
+            "mimo/encoder-shared.g77": "PACK",
+            "mimo/lm.g77/0": "STRICT_PACK",
+            "mimo/lm.g77/1": "STRICT_PACK",
+        }
+        assert all(table[pg.id.hex()]["state"] == "CREATED" for g in pgs.values() for pg in g)
+    finally:
+        release(pgs)
+    assert _live_mimo_placement_groups() == []
 
 
 def test_choose_transport():

@@ -1,0 +1,216 @@
+"""`ray_cluster.yaml` for real: an autoscaling cluster made from it (Ray's fake multi-node provider, NOTES §9), and
+`jobs/train.py` submitted with `ray job submit`.
+
+One cluster, two jobs:
+1. an uninterrupted run: the pools scale up for the stage placement groups and decode tasks, every actor and decode
+   task runs on its pool, the idle GPU pools scale down afterwards;
+2. the same run with the LM node killed mid-run: the autoscaler replaces the node, the driver's recovery rebuilds the
+   groups from the latest checkpoint, and the final loss equals the uninterrupted run's.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from fake_cluster import FakeCluster, dumps, job_events
+from tolerances import LOSS_RTOL
+
+ROOT = Path(__file__).resolve().parents[2]
+STEPS = 6
+#: Bounds (generous: 2 shared cores) for one job, for a node to appear and for idle nodes to go.
+JOB_TIMEOUT_S = 420
+SCALE_DOWN_TIMEOUT_S = 120
+GPU_POOLS = ("encoder_gpu", "lm_gpu")
+
+
+def _make_data(root: Path) -> Path:
+    spec = importlib.util.spec_from_file_location("make_synthetic_autoscale", ROOT / "datasets" / "make_synthetic.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    module.make_synthetic(root, 16, seconds=2.0, fps=8, size=(32, 32), seed=5, val_fraction=0.0)
+    return root / "train.jsonl"
+
+
+def _entrypoint(data: Path, out: Path) -> str:
+    flags = [
+        "--preset tiny", f"--max-steps {STEPS}", f"--output-dir {out}", f"--data-path {data}",
+        "'parallel.encoder_resources={encoder_gpu: 1}'", "'parallel.lm_resources={lm_gpu: 1}'",
+        "parallel.decode_resource=cpu_decode", "parallel.placement_timeout_s=240", "train.ckpt_interval=1",
+        "train.step_timeout_s=120", "train.max_failures=2", "data.num_decode_workers=2",
+    ]  # fmt: skip
+    return f"{sys.executable} {ROOT / 'jobs' / 'train.py'} " + " ".join(flags)
+
+
+class Job:
+    """A submitted job, watched: node ids per pool seen while it runs, when each pool first had a live node."""
+
+    def __init__(self, cluster: FakeCluster, client, entrypoint: str):
+        self.cluster = cluster
+        self.client = client
+        self.t_submit = time.monotonic()
+        deadline = self.t_submit + 180
+        while True:  # the job agent can come up many seconds after the dashboard answers (a loaded box)
+            try:
+                self.submission_id = client.submit_job(entrypoint=entrypoint)
+                self.t_submit = time.monotonic()  # times below count from the accepted submission
+                break
+            except (RuntimeError, OSError) as err:  # "No available agent", or the request dropped meanwhile
+                if time.monotonic() > deadline or cluster.head.poll() is not None:
+                    raise RuntimeError(f"job submission failed: {err}\n{cluster.log_tail()}") from err
+                print(f"submit retry: {type(err).__name__}: {str(err)[:120]}", flush=True)
+                time.sleep(2)
+        self.first_alive: dict[str, float] = {}
+
+    def poll_nodes(self) -> None:
+        for pool, count in self.cluster.alive_pools().items():
+            if count and pool not in self.first_alive:
+                self.first_alive[pool] = time.monotonic() - self.t_submit
+
+    def wait(self, until=None, timeout_s: float = JOB_TIMEOUT_S):
+        """Poll until the job ends (or ``until()`` is true); returns the status."""
+        from ray.job_submission import JobStatus
+
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if until is not None and until():
+                return None
+            status = self.client.get_job_status(self.submission_id)
+            if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+                self.t_end = time.monotonic()
+                return status
+            self.poll_nodes()
+            time.sleep(0.2)
+        self.client.stop_job(self.submission_id)
+        pytest.fail(f"job {self.submission_id} not done in {timeout_s} s:\n{self.logs()}")
+
+    def logs(self) -> str:
+        return self.client.get_job_logs(self.submission_id)[-6000:]
+
+    @property
+    def ray_job_id(self) -> str:
+        return self.client.get_job_info(self.submission_id).job_id
+
+
+def _placements(cluster: FakeCluster, job: Job) -> dict[str, list[str]]:
+    """Pool of every stage actor, of the collate actor and of every decode task of the job."""
+    pools = {node_id: info.pool for node_id, info in cluster.nodes().items()}
+    events = job_events(cluster.address, job.ray_job_id)
+    placed: dict[str, list[str]] = {}
+    for name, cls, node, _ in events["actors"]:
+        if name.startswith("mimo/"):
+            key = name.split("/")[1]  # encoder-shared, lm
+        elif "_CollateFn" in cls:
+            key = "collate"
+        else:
+            continue
+        placed.setdefault(key, []).append(pools.get(node, node))
+    for name, node, _, resources in events["tasks"]:
+        if "decode_batch" in name:
+            # A task Ray Data cancelled at the end never ran anywhere: it must still have asked for the pool.
+            where = pools.get(node, node) if node else ("cpu_decode" if "cpu_decode" in resources else "anywhere")
+            placed.setdefault("decode", []).append(where)
+    return placed
+
+
+def _wait_scaled_down(cluster: FakeCluster, t0: float) -> float:
+    """Seconds from ``t0`` until no GPU-pool node is alive (bounded)."""
+    deadline = time.monotonic() + SCALE_DOWN_TIMEOUT_S
+    while time.monotonic() < deadline:
+        alive = cluster.alive_pools()
+        if not any(alive.get(p) for p in GPU_POOLS):
+            return time.monotonic() - t0
+        time.sleep(1)
+    pytest.fail(f"GPU pools still up {SCALE_DOWN_TIMEOUT_S} s after the job: {alive}\n{cluster.log_tail()}")
+
+
+def _final_loss(out: Path) -> float:
+    return json.loads((out / "summary.json").read_text())["final_loss"]
+
+
+@pytest.mark.cluster
+@pytest.mark.slow
+@pytest.mark.timeout(900)  # idle 2-core box: ~3 min; the bounds inside name what was late
+def test_pools_scale_for_the_job_and_a_lost_lm_node_is_replaced(tmp_path):
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    data = _make_data(tmp_path / "data")
+    t_start = time.monotonic()
+    with FakeCluster(tmp_path, idle_timeout_minutes=0.1) as cluster:
+        t_head = time.monotonic() - t_start
+        client = JobSubmissionClient(cluster.address)
+
+        # ---- 1. uninterrupted run
+        out_a = tmp_path / "run_a"
+        job = Job(cluster, client, _entrypoint(data, out_a))
+        status = job.wait()
+        assert status == JobStatus.SUCCEEDED, job.logs() + cluster.log_tail()
+        placed = _placements(cluster, job)
+        seen = cluster.nodes()
+        launched = sorted(info.pool for info in seen.values() if info.pool != "head")
+        # The autoscaler launched exactly one node of each pool: the decode pool (min_workers 1) and the GPU pools
+        # for the pending placement groups (min_workers 0: nothing else would start them).
+        assert launched == ["cpu_decode", "encoder_gpu", "lm_gpu"], dumps(seen)
+        assert set(placed["encoder-shared"]) == {"encoder_gpu"}, dumps(placed)
+        assert set(placed["lm"]) == {"lm_gpu"}, dumps(placed)
+        assert set(placed["collate"]) == {"cpu_decode"}, dumps(placed)
+        assert placed["decode"] and set(placed["decode"]) == {"cpu_decode"}, dumps(placed)
+        scale_down_s = _wait_scaled_down(cluster, job.t_end)
+        assert cluster.alive_pools().get("cpu_decode") == 1  # min_workers stays
+        loss_a = _final_loss(out_a)
+
+        # ---- 2. the LM node dies after the first checkpoint; the autoscaler replaces it, recovery finishes the run
+        out_b = tmp_path / "run_b"
+        job_b = Job(cluster, client, _entrypoint(data, out_b))
+        metrics = out_b / "metrics.jsonl"
+        job_b.wait(until=lambda: (out_b / "checkpoints" / "latest").exists() and metrics.exists())
+        lm_nodes_before = {node for name, _, node, _ in job_events(cluster.address, job_b.ray_job_id)["actors"]
+                           if name.startswith("mimo/lm/")}  # fmt: skip
+        assert len(lm_nodes_before) == 1 and cluster.nodes()[next(iter(lm_nodes_before))].pool == "lm_gpu"
+        victim = lm_nodes_before.pop()
+        t_kill = time.monotonic()
+        killed = cluster.kill_node(victim)
+        assert killed, f"no process of node {victim} found"
+        replaced_s = []
+
+        def replaced() -> bool:
+            alive_lm = [n for n, i in cluster.nodes().items() if i.pool == "lm_gpu" and i.alive and n != victim]
+            if alive_lm and not replaced_s:
+                replaced_s.append(time.monotonic() - t_kill)
+            return False
+
+        status_b = job_b.wait(until=replaced)
+        assert status_b == JobStatus.SUCCEEDED, job_b.logs() + cluster.log_tail()
+        summary = json.loads((out_b / "summary.json").read_text())
+        assert summary["steps"] == STEPS and len(summary["failures"]) >= 1, dumps(summary)
+        seen_b = cluster.nodes()
+        assert seen_b[victim].alive is False
+        lm_b = {n for n, i in seen_b.items() if i.pool == "lm_gpu"} - {victim}
+        assert len(lm_b) >= 1, dumps(seen_b)  # a new LM node
+        placed_b = _placements(cluster, job_b)
+        assert set(placed_b["lm"]) == {"lm_gpu"} and len(placed_b["lm"]) >= 2, dumps(placed_b)  # before + after
+        assert set(placed_b["encoder-shared"]) == {"encoder_gpu"}, dumps(placed_b)
+        loss_b = _final_loss(out_b)
+        assert loss_b == pytest.approx(loss_a, rel=LOSS_RTOL)
+        scale_down_b_s = _wait_scaled_down(cluster, job_b.t_end)
+        report = {
+            "head_up_s": round(t_head, 1),
+            "job_a_scale_up_s": {k: round(v, 1) for k, v in job.first_alive.items()},
+            "job_a_wall_s": round(job.t_end - job.t_submit, 1),
+            "job_a_scale_down_s": round(scale_down_s, 1),
+            "job_b_scale_up_s": {k: round(v, 1) for k, v in job_b.first_alive.items()},
+            "lm_node_replaced_after_kill_s": replaced_s[0] if replaced_s else None,
+            "job_b_wall_s": round(job_b.t_end - job_b.t_submit, 1),
+            "job_b_scale_down_s": round(scale_down_b_s, 1),
+            "final_loss": [loss_a, loss_b],
+            "failures_b": summary["failures"],
+            "placed_a": {k: sorted(set(v)) + [len(v)] for k, v in placed.items()},
+            "nodes": {n[-5:]: [i.pool, i.alive] for n, i in cluster.nodes().items()},
+        }
+        print("AUTOSCALING " + json.dumps(report, default=str), flush=True)
+    assert cluster.leftover() == []

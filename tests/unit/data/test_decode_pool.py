@@ -1,0 +1,27 @@
+"""Decode work asks for the decode pool's resource when the cluster has one (ray_cluster.yaml's cpu_decode)."""
+
+import pytest
+import ray
+
+from mimo_ray.config import load_config
+from mimo_ray.data.pipeline import decode_pool, decode_resources, pool_remote_args
+
+
+@pytest.mark.parametrize(
+    ("setting", "cluster", "pool"),
+    [
+        ("auto", {"CPU": 4}, None),
+        ("auto", {"CPU": 4, "cpu_decode": 2}, "cpu_decode"),
+        ("none", {"CPU": 4, "cpu_decode": 2}, None),
+        ("decode_node", {"CPU": 4}, "decode_node"),  # named: asked for even before the pool has a node
+    ],
+)
+def test_decode_pool_choice(monkeypatch, setting, cluster, pool):
+    monkeypatch.setattr(ray, "cluster_resources", lambda: dict(cluster))
+    cfg = load_config("tiny", [f"parallel.decode_resource={setting}", "data.num_decode_workers=4"])
+    assert decode_pool(cfg) == pool
+    assert pool_remote_args(pool, 0.5) == ({"resources": {pool: 0.5}} if pool else {})
+    if pool == "cpu_decode":  # the pool's own CPUs are the budget; stage actors live elsewhere
+        assert decode_resources(cfg, pool) == (2.0, 0.5)
+    if pool == "decode_node":  # no node yet: one slot per decode worker, the autoscaler brings the node
+        assert decode_resources(cfg, pool) == (4.0, 1.0)
