@@ -37,12 +37,13 @@ import av
 import numpy as np
 import soundfile
 
-#: Strongly saturated RGB colours, so the answer survives yuv420p chroma subsampling and resizing.
+#: Strongly saturated RGB colours that also differ in brightness (BT.601 luma 51 / 91 / 145 / 218 for blue / red /
+#: green / yellow; background < 40), so the answer survives yuv420p chroma subsampling and resizing.
 COLOURS: dict[str, tuple[int, int, int]] = {
-    "red": (225, 25, 25),
-    "green": (25, 205, 40),
-    "blue": (30, 60, 235),
-    "yellow": (235, 220, 25),
+    "red": (235, 30, 30),
+    "green": (40, 215, 60),
+    "blue": (20, 40, 190),
+    "yellow": (245, 235, 60),
 }
 #: Note name (the answer) → frequency in Hz: C4, F4, A4, E5.
 NOTES: dict[str, float] = {"C": 261.63, "F": 349.23, "A": 440.0, "E": 659.26}
