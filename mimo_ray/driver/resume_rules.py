@@ -60,6 +60,9 @@ SAFE_ON_RESUME: tuple[str, ...] = (
     "parallel.lm_micro_batch_size",
     "parallel.torch_num_threads",
     "model.recompute",
+    # staged training (LLaVA stage 1 -> stage 2): optimizer state is reloaded by parameter name, newly trained parts
+    # start with fresh moments
+    "model.freeze",
     # sections a training run does not read, and the preset label (its fields are compared one by one)
     "infer.",
     "cluster.",
@@ -103,8 +106,14 @@ def config_changes(stored: dict[str, Any], current: dict[str, Any]) -> dict[str,
     return {k: (old.get(k), new.get(k)) for k in keys if old.get(k) != new.get(k)}
 
 
+#: Also allowed when the checkpoint holds no per-runtime files (a step-0 import from HuggingFace directories, which
+#: both runtimes load).
+SAFE_FOR_RUNTIME_NEUTRAL: tuple[str, ...] = ("train.runtime",)
+
+
 def check_resume_config(
-    stored: dict[str, Any], current: dict[str, Any], where: str, *, log_safe: bool = True
+    stored: dict[str, Any], current: dict[str, Any], where: str, *, log_safe: bool = True,
+    runtime_neutral: bool = False,
 ) -> dict[str, tuple[Any, Any]]:
     """Refuse an incompatible config on resume; log the safe changes.
 
@@ -113,6 +122,7 @@ def check_resume_config(
         current: the config of the run resuming (``config_to_dict(cfg)``).
         where: the checkpoint, for the messages.
         log_safe: log each allowed change at INFO (``field: old -> new``).
+        runtime_neutral: the checkpoint loads in either runtime (:data:`SAFE_FOR_RUNTIME_NEUTRAL` may change too).
 
     Returns:
         The allowed changes, ``{field: (old, new)}``.
@@ -121,7 +131,8 @@ def check_resume_config(
         ValueError: one line naming every refused field with both values.
     """
     changes = config_changes(stored, current)
-    refused = {k: v for k, v in changes.items() if not is_safe(k)}
+    extra = SAFE_FOR_RUNTIME_NEUTRAL if runtime_neutral else ()
+    refused = {k: v for k, v in changes.items() if not is_safe(k) and k not in extra}
     if refused:
         listed = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in refused.items())
         raise ValueError(

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from mimo_ray.config import Config, config_to_dict
+from mimo_ray.convert.layout import is_imported
 from mimo_ray.driver import checkpoint as ckpt
 from mimo_ray.driver.resume_rules import check_resume_config
 
@@ -68,7 +69,8 @@ def check_output_dir(cfg: Config, *, log_changes: bool = False) -> dict[str, tup
     stored = json.loads((latest / "driver.json").read_text()).get("config")
     if stored is None:
         return {}
-    return check_resume_config(stored, config_to_dict(cfg), str(latest), log_safe=log_changes)
+    neutral = is_imported(latest)  # a step-0 HF import: either runtime loads it
+    return check_resume_config(stored, config_to_dict(cfg), str(latest), log_safe=log_changes, runtime_neutral=neutral)
 
 
 def prepare_output_dir(cfg: Config) -> dict[str, tuple[Any, Any]]:
