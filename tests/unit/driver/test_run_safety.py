@@ -151,7 +151,7 @@ def test_run_id_recorded_and_retention_and_recovery_stay_within_the_run(tmp_path
     assert all(ckpt.run_id_of(ckpt_dir / n) == run_id for n in names[:2])
     # recovery loaded this run's newest checkpoint, never the other run's step 900 that `latest` named
     assert [r.loaded for r in built] == [[], ["step_0000003"]]
-    assert summary["recoveries"] == [{"step": 3, "error": "TimeoutError: step timed out",
+    assert summary["recoveries"] == [{"step": 3, "during": "step", "error": "TimeoutError: step timed out",
                                       "resumed_from": str(ckpt_dir / "step_0000003"), "resumed_step": 3}]  # fmt: skip
     assert _losses(tmp_path) == pytest.approx(straight[0], rel=1e-12, abs=0)
 
@@ -184,7 +184,9 @@ def test_resume_refuses_an_incompatible_config_naming_the_fields(tmp_path):
     assert not built and "\n" not in msg
     assert msg.startswith(f"cannot resume from {tmp_path / 'checkpoints' / 'step_0000002'}: the config differs")
     assert "data.seed 1234 -> 7, model.lm.num_layers 2 -> 3;" in msg
-    assert not is_safe("data.global_batch_size") and not is_safe("parallel.lm_tp") and not is_safe("train.seed")
+    assert not is_safe("data.global_batch_size") and not is_safe("parallel.encoder_groups")
+    assert not is_safe("train.seed")
+    assert is_safe("parallel.lm_tp") and is_safe("parallel.encoder_dp")  # stage ranks reshard (stages/reshard.py)
     assert not is_safe("train.weight_decay")  # restored from the optimizer state: a change would be ignored
     assert is_safe("train.max_steps") and is_safe("infer.batch_size") and is_safe("cluster.num_cpus")
 
@@ -214,9 +216,9 @@ def test_resume_reads_the_recorded_data_position(tmp_path, monkeypatch):
     starts = []
     real = train_loop.build_data_source
 
-    def spy(cfg, split, start_sample=0):  # noqa: ANN001, ANN202
+    def spy(cfg, split, start_sample=0, **kwargs):  # noqa: ANN001, ANN202
         starts.append((split, start_sample))
-        return real(cfg, split, start_sample=start_sample)
+        return real(cfg, split, start_sample=start_sample, **kwargs)
 
     monkeypatch.setattr(train_loop, "build_data_source", spy)
     summary, _ = _run(_cfg(tmp_path, "--resume"))
