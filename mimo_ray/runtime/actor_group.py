@@ -141,6 +141,14 @@ class ActorGroup:
                 ray.kill(actor, no_restart=True)
             except Exception:  # noqa: BLE001 - already dead
                 pass
+        # ray.kill returns before the GCS marks the actor dead: wait (bounded) until a call on each one fails, so
+        # that its name is free and nothing of this group still runs when kill() returns.
+        deadline = time.monotonic() + 15.0
+        for actor in self.actors:
+            try:
+                ray.get(actor.__ray_ready__.remote(), timeout=max(0.1, deadline - time.monotonic()))
+            except Exception:  # noqa: BLE001 - RayActorError: dead, as wanted; a timeout: give up waiting
+                pass
         self.actors = []
         release({self.name: self.pgs})
         self.pgs = []

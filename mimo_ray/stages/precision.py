@@ -168,6 +168,11 @@ class MixedPrecisionOptimizer:
                 if master is not p:
                     master.copy_(p)
 
+    @property
+    def state(self) -> dict:
+        """The inner AdamW's per-parameter state (moments of the fp32 masters), as ``torch.optim`` exposes it."""
+        return self.optimizer.state
+
     def state_dict(self) -> dict[str, Any]:
         """AdamW's state dict, plus ``master_weights`` (fp32, by parameter index) when a parameter is low precision."""
         state = self.optimizer.state_dict()
