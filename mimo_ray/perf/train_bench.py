@@ -155,8 +155,10 @@ def _real_feed(data_cfg: Config, holder: dict[str, Any]) -> Callable[[Any, Confi
 
     def feed(rt: Any, cfg: Config) -> Callable[[], Any]:
         from mimo_ray.data.pipeline import ManifestDataSource
+        from mimo_ray.runtime.placement import stage_cpu_reservation
 
-        src = ManifestDataSource(with_overrides(data_cfg, [f"train.runtime={cfg.train.runtime}"]), "train")
+        run_cfg = with_overrides(data_cfg, [f"train.runtime={cfg.train.runtime}"])
+        src = ManifestDataSource(run_cfg, "train", reserved_cpus=stage_cpu_reservation(run_cfg))
         holder["source"] = src
         if cfg.train.runtime == "disaggregated":
             rt.set_data_iterators(src.rank_streams(cfg.parallel.encoder_dp))

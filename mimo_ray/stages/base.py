@@ -20,8 +20,8 @@ import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from mimo_ray.config import Config
-from mimo_ray.convert.layout import is_imported, load_imported
 from mimo_ray.model.freeze import freeze_parts
+from mimo_ray.parallel.imported_layout import is_imported, load_imported
 from mimo_ray.parallel.megatron_setup import init_megatron, seed_everything
 from mimo_ray.parallel.tp_shards import unshard
 from mimo_ray.stages.optim import (

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from mimo_ray.data.bad_memory import BadMemory
+from mimo_ray.data.epoch_plan import EpochPlan
 from mimo_ray.data.isolation import FAULTS_ENV, TRACE_ENV
-from mimo_ray.data.pipeline import EpochPlan
 from mimo_ray.data.quarantine import BadRow, QuarantineLog, read_quarantine
 
 # ---------------------------------------------------------------- the memory itself (no Ray)
@@ -266,8 +266,8 @@ def test_decode_tasks_ask_and_tell_the_shared_registry(bad_data, faults, ray_loc
 
     from mimo_ray.data import prepare
     from mimo_ray.data.bad_memory import BadRowRegistry
+    from mimo_ray.data.epoch_plan import PLAN_SCHEMA
     from mimo_ray.data.manifest import read_manifest
-    from mimo_ray.data.pipeline import PLAN_SCHEMA
     from mimo_ray.data.tokenizer import ChatTokenizer
 
     cfg = _cfg(bad_data["manifest"], tmp_path)
