@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> dict:
             "python jobs/gpu_check.py --device cpu --preset tiny"
         )
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    from mimo_ray.config import load_config
+    from mimo_ray.config_cli import load_config
     from mimo_ray.parallel.megatron_setup import init_megatron
     from mimo_ray.perf.gpu_check import CheckOptions, results_table, run_checks
     from mimo_ray.perf.host import machine_info

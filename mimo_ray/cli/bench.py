@@ -27,7 +27,8 @@ from typing import Any
 
 import torch
 
-from mimo_ray.config import Config, config_to_dict, parse_job_args, save_config
+from mimo_ray.config import Config
+from mimo_ray.config_cli import config_to_dict, parse_job_args, save_config
 from mimo_ray.perf.report import Table, ratio, write_json
 
 #: The source checkout (``datasets/make_synthetic.py`` lives there, outside the package).

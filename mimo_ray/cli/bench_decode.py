@@ -23,7 +23,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mimo_ray.config import Config, parse_job_args
+from mimo_ray.config import Config
+from mimo_ray.config_cli import parse_job_args
 
 
 def _extra(parser) -> None:  # noqa: ANN001

@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 
 from mimo_ray.cli.train import ensure_ray
-from mimo_ray.config import parse_job_args
+from mimo_ray.config_cli import parse_job_args
 from mimo_ray.driver import checkpoint as ckpt_lib
 from mimo_ray.observability import init_logging
 
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> dict:
     cfg, ns = parse_job_args(argv, doc=__doc__, extra=_extra)
     init_logging("infer")
     if ns.print_config:
-        from mimo_ray.config import config_to_dict
+        from mimo_ray.config_cli import config_to_dict
 
         print(json.dumps(config_to_dict(cfg), indent=1))
         return {}

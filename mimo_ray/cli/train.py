@@ -14,7 +14,8 @@ import json
 import os
 from pathlib import Path
 
-from mimo_ray.config import Config, config_to_dict, parse_job_args
+from mimo_ray.config import Config
+from mimo_ray.config_cli import config_to_dict, parse_job_args
 from mimo_ray.observability import init_logging
 
 

@@ -14,7 +14,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from mimo_ray.config import Config, parse_job_args
+from mimo_ray.config import Config
+from mimo_ray.config_cli import parse_job_args
 from mimo_ray.observability import init_logging
 
 

@@ -18,7 +18,8 @@ from typing import Any
 
 import torch
 
-from mimo_ray.config import Config, config_from_dict
+from mimo_ray.config import Config
+from mimo_ray.config_cli import config_from_dict
 from mimo_ray.convert.hf_dir import HFDir
 from mimo_ray.convert.importer import clip_prefix, whisper_prefix
 from mimo_ray.convert.mapping import Rule, clip_rules, lm_rules, lm_tp_layout, split, whisper_rules

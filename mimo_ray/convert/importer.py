@@ -18,7 +18,8 @@ from typing import Any
 
 import torch
 
-from mimo_ray.config import Config, _build, _read_yaml, _set_dotted, config_to_dict, parse_overrides, save_config
+from mimo_ray.config import Config
+from mimo_ray.config_cli import _build, _read_yaml, _set_dotted, config_to_dict, parse_overrides, save_config
 from mimo_ray.convert.hf_config import audio_overrides, lm_overrides, lm_seq_limit, vision_overrides
 from mimo_ray.convert.hf_dir import HFDir
 from mimo_ray.convert.mapping import (

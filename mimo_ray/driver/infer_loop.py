@@ -15,7 +15,8 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from mimo_ray.config import Config, config_from_dict
+from mimo_ray.config import Config
+from mimo_ray.config_cli import config_from_dict
 from mimo_ray.driver import checkpoint as ckpt_lib
 
 log = logging.getLogger("mimo_ray")

@@ -14,7 +14,8 @@ import itertools
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from mimo_ray.config import Config, config_from_dict, config_to_dict, parse_overrides
+from mimo_ray.config import Config
+from mimo_ray.config_cli import config_from_dict, config_to_dict, parse_overrides
 from mimo_ray.model.inputs import random_batch
 from mimo_ray.perf.flops import lm_tokens_per_step, mfu, train_flops_breakdown, train_flops_per_step
 from mimo_ray.perf.report import Table, ratio

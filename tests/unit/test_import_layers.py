@@ -177,3 +177,20 @@ def test_the_walker_sees_function_level_imports_and_cycles():
     assert "mimo_ray.parallel.imported_layout" in graph["mimo_ray.convert.importer"]
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     assert _layer("mimo_ray.stages.base") < _layer("mimo_ray.runtime.actor_group")
+
+
+def test_stages_know_tensors_not_ray():
+    """``stages/`` imports no Ray and holds none of Ray's calling conventions (``runtime/stage_actor.py`` does)."""
+    found = []
+    for path in sorted((PACKAGE_ROOT / "stages").rglob("*.py")):
+        tree = ast.parse(path.read_text(), filename=str(path))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                found += [f"{path.name}: import {a.name}" for a in node.names if a.name.split(".")[0] == "ray"]
+            elif isinstance(node, ast.ImportFrom) and not node.level and (node.module or "").split(".")[0] == "ray":
+                found.append(f"{path.name}: from {node.module} import ...")
+            elif isinstance(node, ast.FunctionDef) and node.name in ("call", "run_stashed", "take"):
+                found.append(f"{path.name}: def {node.name}")
+            elif isinstance(node, ast.keyword) and node.arg in ("num_returns", "tensor_transport"):
+                found.append(f"{path.name}: {node.arg}=")
+    assert found == [], f"Ray in stages/: {found}"

@@ -157,7 +157,7 @@ def test_log_mel_matches_whisper_feature_extractor():
 
 
 def test_chat_tokenization_equals_apply_chat_template(hf_dirs, tmp_path):
-    from mimo_ray.config import load_config
+    from mimo_ray.config_cli import load_config
     from mimo_ray.convert.hf_dir import HFDir
     from mimo_ray.convert.importer import derive_config
     from mimo_ray.data.tokenizer import ChatTokenizer

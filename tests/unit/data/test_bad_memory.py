@@ -128,7 +128,7 @@ def bad_data(tmp_path_factory, synthetic_module):
 
 
 def _cfg(manifest: str, out: Path):
-    from mimo_ray.config import load_config
+    from mimo_ray.config_cli import load_config
 
     return load_config("tiny", [
         f"data.data_path={manifest}", f"train.output_dir={out}", "data.micro_batch_size=2",

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from mimo_ray.config import load_config
+from mimo_ray.config_cli import load_config
 from mimo_ray.data.output_source import OutputTaskSource, is_output_manifest
 from mimo_ray.data.quarantine import DataQualityError, read_quarantine
 from mimo_ray.driver.data_sources import build_data_source

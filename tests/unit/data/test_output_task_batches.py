@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import soundfile
 
-from mimo_ray.config import load_config
+from mimo_ray.config_cli import load_config
 from mimo_ray.data.output_tasks import OutputChatTokenizer, OutputTaskBatches, collate_output_rows
 from mimo_ray.data.tokenizer import ChatTokenizer
 from mimo_ray.media.files import write_png

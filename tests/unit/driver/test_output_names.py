@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import soundfile
 
-from mimo_ray.config import load_config
+from mimo_ray.config_cli import load_config
 from mimo_ray.data.tokenizer import ChatTokenizer
 from mimo_ray.driver.output_infer import run_output_inference
 from mimo_ray.media.files import read_png
