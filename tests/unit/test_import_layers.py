@@ -7,6 +7,7 @@ module graph is built from the imports that name ``mimo_ray`` modules.
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[2] / "mimo_ray"
@@ -79,7 +80,9 @@ def _imports(module: str, path: Path, modules: dict[str, Path]) -> set[str]:
     return found
 
 
+@functools.cache
 def _graph() -> dict[str, set[str]]:
+    """Module → the package modules it imports (parsed once per session; callers do not mutate it)."""
     modules = _modules()
     return {m: _imports(m, p, modules) for m, p in modules.items()}
 
