@@ -14,8 +14,6 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 NUM_COLOURS = 4  # red, green, blue, yellow
 NUM_NOTES = 4  # C, F, A, E
 
@@ -62,8 +60,8 @@ def main(argv: list[str] | None = None) -> dict:
         "--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="model.params_dtype (train and inference)"
     )
     args, extra = ap.parse_known_args(argv)
-    from jobs import infer as infer_job
-    from jobs import train as train_job
+    from mimo_ray.cli import infer as infer_job
+    from mimo_ray.cli import train as train_job
 
     out = Path(args.out)
     t0 = time.perf_counter()

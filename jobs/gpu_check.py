@@ -23,10 +23,6 @@ import argparse
 import os
 import sys
 import time
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 DEFAULT_PRESET = {"cuda": "bench-s", "cpu": "tiny"}
 
@@ -80,7 +76,7 @@ def main(argv: list[str] | None = None) -> dict:
             "python jobs/gpu_check.py --device cpu --preset tiny"
         )
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    from mimo_ray.config import load_config
+    from mimo_ray.config_cli import load_config
     from mimo_ray.parallel.megatron_setup import init_megatron
     from mimo_ray.perf.gpu_check import CheckOptions, results_table, run_checks
     from mimo_ray.perf.host import machine_info
@@ -96,7 +92,7 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(load_config(ns.preset, list(ns.overrides)).parallel.torch_num_threads or 1)
     needs_ray = not {"disaggregated_step", "step_table", "transport_table"} <= ns.skip
     if needs_ray:
-        from jobs.train import ensure_ray
+        from mimo_ray.cli.train import ensure_ray
 
         ensure_ray(load_config(ns.preset, list(ns.overrides)))
     init_megatron(seed=1234)

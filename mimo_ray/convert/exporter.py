@@ -18,11 +18,12 @@ from typing import Any
 
 import torch
 
-from mimo_ray.config import Config, config_from_dict
-from mimo_ray.convert import layout
+from mimo_ray.config import Config
+from mimo_ray.config_cli import config_from_dict
 from mimo_ray.convert.hf_dir import HFDir
 from mimo_ray.convert.importer import clip_prefix, whisper_prefix
 from mimo_ray.convert.mapping import Rule, clip_rules, lm_rules, lm_tp_layout, split, whisper_rules
+from mimo_ray.parallel import imported_layout as layout
 from mimo_ray.parallel.tp_shards import unshard
 
 ENCODER_ROLE_PREFIX = {"encoder": "modality_submodules.", "fused": ""}

@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-from mimo_ray.config import Config, _build, _read_yaml, _set_dotted, config_to_dict, parse_overrides, save_config
-from mimo_ray.convert import layout
+from mimo_ray.config import Config
+from mimo_ray.config_cli import _build, _read_yaml, _set_dotted, config_to_dict, parse_overrides, save_config
 from mimo_ray.convert.hf_config import audio_overrides, lm_overrides, lm_seq_limit, vision_overrides
 from mimo_ray.convert.hf_dir import HFDir
 from mimo_ray.convert.mapping import (
@@ -34,6 +34,7 @@ from mimo_ray.convert.mapping import (
 )
 from mimo_ray.convert.tokenizer_files import prepare_tokenizer
 from mimo_ray.model.layers import DTYPES
+from mimo_ray.parallel import imported_layout as layout
 from mimo_ray.parallel.tp_shards import shard
 
 log = logging.getLogger("mimo_ray")

@@ -7,7 +7,10 @@ import os
 
 import numpy as np
 
-from mimo_ray.data.audio_features import (
+from mimo_ray.data.errors import MediaError
+from mimo_ray.data.media_source import MediaSource, checked_source, describe
+from mimo_ray.data.resample import resample
+from mimo_ray.media.audio_features import (
     BEATS_FBANK_MEAN,
     BEATS_FBANK_STD,
     fbank,
@@ -17,9 +20,6 @@ from mimo_ray.data.audio_features import (
     num_fbank_frames,
     num_mel_frames,
 )
-from mimo_ray.data.errors import MediaError
-from mimo_ray.data.media_source import MediaSource, checked_source, describe
-from mimo_ray.data.resample import resample
 
 __all__ = [
     "BEATS_FBANK_MEAN",

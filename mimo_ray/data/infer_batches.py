@@ -27,6 +27,7 @@ import pyarrow as pa
 from mimo_ray.data.collate import MODALITY_COLUMNS, BatchLayout, bad_row_of
 from mimo_ray.data.manifest import read_manifest
 from mimo_ray.data.quarantine import BadBudget, QuarantineLog, quarantine_path
+from mimo_ray.data.ray_dataset import decode_dataset, ensure_ray
 from mimo_ray.data.sample_media import from_transport
 from mimo_ray.data.tokenizer import ChatTokenizer
 
@@ -65,22 +66,26 @@ def collate_prompts(rows: list[dict[str, Any]], layout: BatchLayout, pad_id: int
 
 
 def _infer_dataset(
-    cfg: Any, manifest_path: str, tokenizer: ChatTokenizer | None, skip_ids: set[str] | frozenset[str] = frozenset()
+    cfg: Any,
+    manifest_path: str,
+    tokenizer: ChatTokenizer | None,
+    skip_ids: set[str] | frozenset[str] = frozenset(),
+    reserved_cpus: float = 0.0,
 ) -> tuple[Any, Any, ChatTokenizer]:
     """``(decoded dataset in file order, manifest, tokenizer)`` for inference (rows of ``skip_ids`` left out)."""
     import ray
 
-    from mimo_ray.data.pipeline import EpochPlan, _ensure_ray, decode_dataset
+    from mimo_ray.data.epoch_plan import EpochPlan
     from mimo_ray.data.prepare import DecodeOptions
 
-    _ensure_ray(cfg)
+    ensure_ray(cfg)
     tokenizer = tokenizer or ChatTokenizer.from_config(cfg)
     manifest = read_manifest(manifest_path)
     plan = EpochPlan(len(manifest), cfg.data.seed, shuffle=False).table(0)
     if skip_ids:
         plan = plan.filter(pa.array([rid not in skip_ids for rid in manifest.ids]))
     opts = DecodeOptions.from_config(cfg, "infer", tokenizer, ray.put(manifest.table))
-    return decode_dataset([plan], opts, cfg), manifest, tokenizer
+    return decode_dataset([plan], opts, cfg, reserved_cpus=reserved_cpus), manifest, tokenizer
 
 
 def iter_prompt_batches(
@@ -190,6 +195,7 @@ def prompt_streams(
     batch_size: int | None = None,
     padding_side: str = "right",
     quarantine_file: str | Path | None = None,
+    reserved_cpus: float = 0.0,
 ) -> tuple[list[PromptStream], list[dict[str, str]]]:
     """Decode a manifest for inference and split its prompt batches over ``num_streams`` encoder ranks.
 
@@ -206,6 +212,7 @@ def prompt_streams(
         batch_size: default ``infer.batch_size``.
         padding_side: ``right`` (default) or ``left``.
         quarantine_file: default ``<train.output_dir>/quarantine.jsonl``.
+        reserved_cpus: logical CPUs the stage actors hold, kept out of the decode budget.
 
     Returns:
         ``(streams, quarantined)`` with ``quarantined = [{"id", "path", "stage", "error"}, ...]`` in file order.
@@ -213,7 +220,7 @@ def prompt_streams(
     Raises:
         DataQualityError: more than ``data.max_bad_fraction`` of the rows are bad.
     """
-    ds, manifest, tokenizer = _infer_dataset(cfg, manifest_path, tokenizer, skip_ids)
+    ds, manifest, tokenizer = _infer_dataset(cfg, manifest_path, tokenizer, skip_ids, reserved_cpus)
     decoded = ds.materialize()
     qlog = QuarantineLog(quarantine_file or quarantine_path(cfg.train.output_dir), manifest.path)
     budget = BadBudget(len(manifest), cfg.data.max_bad_fraction, manifest.path)

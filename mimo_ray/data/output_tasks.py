@@ -1,6 +1,6 @@
 """Output-task data: manifest rows whose answer is a generation tag (``<image_gen>`` / ``<audio_gen>``) and whose
-``image_out`` / ``audio_out`` field names the target PNG / WAV → C1 micro-batches with ``output_targets``; plus the
-PNG/WAV writers inference uses.
+``image_out`` / ``audio_out`` field names the target PNG / WAV → C1 micro-batches with ``output_targets``
+(PNG/WAV files: :mod:`mimo_ray.media.files`).
 
     rows = read_output_rows("data/syn/train_out.jsonl")
     batches = OutputTaskBatches(cfg, rows, micro_batch_size=4, seed=0)   # iterable of C1 batches
@@ -15,18 +15,15 @@ from __future__ import annotations
 
 import json
 import os
-import struct
-import zlib
 from pathlib import Path
 from typing import Any
 
-import av
 import numpy as np
-import soundfile
 import torch
 
 from mimo_ray.data.audio import load_audio
 from mimo_ray.data.tokenizer import ChatTokenizer
+from mimo_ray.media.files import read_png
 
 #: Answer tag → output name.
 GEN_TAGS: dict[str, str] = {"<image_gen>": "image_out", "<audio_gen>": "audio_out"}
@@ -80,31 +77,6 @@ class OutputChatTokenizer(ChatTokenizer):
             token, count = self.gen[tag]
             ids += super()._encode_answer(rest[:pos]) + [token] * count
             rest = rest[pos + len(tag) :]
-
-
-def read_png(path: str) -> np.ndarray:
-    """Any image FFmpeg reads → uint8 ``[H, W, 3]``."""
-    with av.open(path) as container:
-        return next(container.decode(video=0)).to_ndarray(format="rgb24")
-
-
-def write_png(path: str | os.PathLike, rgb: np.ndarray) -> None:
-    """uint8 ``[H, W, 3]`` → 8-bit RGB PNG (zlib only)."""
-    height, width, _ = rgb.shape
-    raw = b"".join(b"\x00" + np.ascontiguousarray(rgb[y]).tobytes() for y in range(height))
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    Path(path).write_bytes(
-        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
-    )
-
-
-def write_wav(path: str | os.PathLike, wave: np.ndarray, rate: int) -> None:
-    """Float ``[L]`` → 16-bit PCM WAV."""
-    soundfile.write(str(path), np.clip(wave, -1.0, 1.0), rate, subtype="PCM_16")
 
 
 def load_target(name: str, path: str, spec: Any) -> torch.Tensor:

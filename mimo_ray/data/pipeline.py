@@ -42,107 +42,31 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 
 from mimo_ray.data.bad_memory import BadMemory, BadRowKeeper, BadRowRegistry, memory_of
 from mimo_ray.data.collate import MICROBATCH_SCHEMA, BatchLayout, MicroBatch, MicroBatcher
 from mimo_ray.data.cursor import MicroBatchCursor
+from mimo_ray.data.epoch_plan import EpochPlan
 from mimo_ray.data.manifest import Manifest, read_manifest
-from mimo_ray.data.prepare import DecodeOptions, decode_batch
+from mimo_ray.data.prepare import DecodeOptions
 from mimo_ray.data.quarantine import bad_ids, quarantine_path
+from mimo_ray.data.ray_dataset import (
+    COLLATE_POOL_SHARE,
+    clips_per_task,
+    decode_dataset,
+    decode_pool,
+    ensure_ray,
+    pool_remote_args,
+)
+from mimo_ray.data.ray_dataset import DECODE_POOL as DECODE_POOL
 from mimo_ray.data.tokenizer import ChatTokenizer
 
 log = logging.getLogger("mimo_ray")
 
-#: Most clips one decode task takes (NOTES §4: ~15 per task amortises task overhead).
-MAX_CLIPS_PER_TASK = 15
-#: A plan row: global position, epoch, manifest row, and the stage it is already known bad with (null: decode it).
-PLAN_SCHEMA = pa.schema([("pos", pa.int64()), ("epoch", pa.int64()), ("row", pa.int64()), ("known", pa.string())])
 DATA_STATE_VERSION = 1
 SPLIT_MODES = {"train": "train", "val": "eval", "infer": "infer", "validate": "eval"}
 _GET_TIMEOUT_S = 300.0
-#: ``ray_cluster.yaml``'s decode pool and the custom resource its nodes expose (same name).
-DECODE_POOL = "cpu_decode"
-#: How much of the pool resource the collate actor holds (a token amount: it only pins the actor to the pool).
-COLLATE_POOL_SHARE = 0.01
-
-
-def clips_per_task(num_rows: int, workers: int) -> int:
-    """Clips per decode task: up to :data:`MAX_CLIPS_PER_TASK`, fewer so small sets still use every worker."""
-    return max(1, min(MAX_CLIPS_PER_TASK, math.ceil(num_rows / (4 * workers))))
-
-
-def stage_cpu_reservation(cfg: Any) -> float:
-    """Logical CPUs the stage actors of this config hold (0 for the fused runtime, which runs in the driver)."""
-    if cfg.train.runtime != "disaggregated":
-        return 0.0
-    from mimo_ray.runtime.placement import group_specs, required_resources
-
-    return float(required_resources(group_specs(cfg)).get("CPU", 0.0))
-
-
-def decode_pool(cfg: Any) -> str | None:
-    """The custom resource decode work asks for, or ``None`` to run anywhere.
-
-    ``parallel.decode_resource``: ``auto`` → :data:`DECODE_POOL` when the cluster has it; ``none`` → never; any other
-    name → always (an autoscaler starts the pool's nodes for the pending tasks).
-    """
-    name = cfg.parallel.decode_resource
-    if name == "none":
-        return None
-    if name != "auto":
-        return name
-    import ray
-
-    return DECODE_POOL if ray.cluster_resources().get(DECODE_POOL, 0.0) > 0 else None
-
-
-def pool_remote_args(pool: str | None, amount: float) -> dict[str, Any]:
-    """Ray remote arguments that pin a task or actor to the decode pool (``{}`` when there is none)."""
-    return {"resources": {pool: amount}} if pool else {}
-
-
-def decode_resources(cfg: Any, pool: str | None = None) -> tuple[float, float]:
-    """``(CPU budget for Ray Data, CPUs per decode task)``.
-
-    With a decode ``pool`` the budget is the pool's resource (the stage actors live elsewhere); a pool that has no
-    node yet gets one slot per decode worker, which the autoscaler then provides.
-
-    Raises:
-        RuntimeError: no CPU is left for decoding once the stage actors' share is set aside.
-    """
-    import ray
-
-    workers = cfg.data.num_decode_workers
-    if pool is not None:
-        budget = float(ray.cluster_resources().get(pool, 0.0)) or float(workers)
-        return budget, max(min(1.0, math.floor(100 * budget / workers) / 100), 0.01)
-    total = float(ray.cluster_resources().get("CPU", 0.0))
-    reserved = stage_cpu_reservation(cfg)
-    budget = total - reserved
-    if budget < 0.05:
-        raise RuntimeError(
-            f"no CPU left for data decoding: the cluster has {total:g} CPUs and the stage actors reserve "
-            f"{reserved:g} (parallel.cpus_per_actor x actors); lower parallel.cpus_per_actor or add CPUs"
-        )
-    workers = cfg.data.num_decode_workers
-    per_task = min(1.0, math.floor(100 * budget / workers) / 100)
-    return budget, max(per_task, 0.01)
-
-
-def configure_context(ctx: Any, cpu_budget: float, one_row_blocks: bool = False) -> None:
-    """The pipeline's own Ray Data settings (on the dataset's context, not the global one)."""
-    from ray.data import ExecutionResources
-
-    ctx.execution_options.preserve_order = True
-    ctx.execution_options.resource_limits = ExecutionResources(cpu=cpu_budget)
-    ctx.op_resource_reservation_enabled = False
-    ctx.enable_progress_bars = False
-    ctx.print_on_execution_start = False
-    if one_row_blocks:
-        # One micro-batch per block: streaming_split then deals blocks out round-robin (rank r gets r, r+n, …).
-        ctx.target_max_block_size = 1
 
 
 class TimedIterator:
@@ -215,72 +139,6 @@ class TimedIterator:
         self._thread.join(timeout=10)
 
 
-class EpochPlan:
-    """Which manifest row each plan position visits: epoch ``e`` is ``permutation(seed, e)`` of the rows.
-
-    Args:
-        num_rows: rows in the manifest.
-        seed: ``data.seed``.
-        shuffle: shuffle per epoch (train with ``data.shuffle``); otherwise file order.
-    """
-
-    def __init__(self, num_rows: int, seed: int, shuffle: bool) -> None:
-        self.num_rows = num_rows
-        self.seed = seed
-        self.shuffle = shuffle
-
-    def order(self, epoch: int) -> np.ndarray:
-        if not self.shuffle:
-            return np.arange(self.num_rows, dtype=np.int64)
-        return np.random.default_rng([self.seed, epoch, 0x5EED]).permutation(self.num_rows).astype(np.int64)
-
-    def table(
-        self, epoch: int, start: int = 0, stop: int | None = None, known: dict[int, str] | None = None
-    ) -> pa.Table:
-        """Plan rows ``(pos, epoch, row, known)`` of ``epoch`` from offset ``start`` to ``stop``; ``known`` maps
-        manifest rows already known bad in this epoch to their stage (they are not decoded).
-        """
-        stop = self.num_rows if stop is None else stop
-        rows = self.order(epoch)[start:stop]
-        pos = epoch * self.num_rows + np.arange(start, start + rows.size, dtype=np.int64)
-        stages = [known.get(int(r)) for r in rows] if known else [None] * rows.size
-        return pa.table({"pos": pos, "epoch": np.full(rows.size, epoch, dtype=np.int64), "row": rows,
-                         "known": pa.array(stages, type=pa.string())}, schema=PLAN_SCHEMA)  # fmt: skip
-
-    def locate(
-        self, samples: int, bad_rows: set[int] | Callable[[int], set[int]], horizon: int = 0
-    ) -> tuple[int, int, int]:
-        """Where the good sample number ``samples`` comes from: ``(epoch, rows consumed in it, bad rows before)``.
-
-        Args:
-            samples: good samples consumed.
-            bad_rows: manifest rows bad in every epoch, or a function ``epoch → rows bad in that epoch``.
-            horizon: with a function, an epoch from which its answer no longer changes.
-
-        Raises:
-            RuntimeError: every row is bad.
-        """
-        bad_of = bad_rows if callable(bad_rows) else (lambda _epoch: bad_rows)
-        epoch, rest = 0, samples
-        while True:
-            good = self.num_rows - len(bad_of(epoch))
-            if good <= 0 and rest > 0 and epoch >= horizon:
-                raise RuntimeError("every row of the manifest is quarantined; nothing to resume from")
-            if rest == 0 or rest < good:
-                break
-            if epoch >= horizon:  # every later epoch has the same bad rows: skip the whole epochs at once
-                epoch, rest = epoch + rest // good, rest % good
-                continue
-            rest -= good
-            epoch += 1
-        bad = bad_of(epoch)
-        is_bad = np.isin(self.order(epoch), np.fromiter(bad, dtype=np.int64, count=len(bad)))
-        good_before = np.cumsum(~is_bad)
-        # Just past the rest-th good row (bad rows right after it are met again, as an uninterrupted run meets them).
-        offset = int(np.searchsorted(good_before, rest, side="left")) + 1 if rest else 0
-        return epoch, offset, int(is_bad[:offset].sum())
-
-
 @dataclass
 class Position:
     """A data position: samples handed out, and the plan position they correspond to."""
@@ -295,53 +153,9 @@ class Position:
                 "bad_before": self.bad_before}  # fmt: skip
 
 
-def decode_dataset(
-    plans: list[pa.Table], opts: DecodeOptions, cfg: Any, one_row_blocks: bool = False, logical_cpus: bool = True
+def build_dataset(
+    cfg: Any, split: str, *, manifest_path: str | None = None, epoch: int = 0, reserved_cpus: float = 0.0
 ) -> Any:
-    """Ray Data dataset of decoded rows (:data:`~mimo_ray.data.collate.DECODED_SCHEMA`) for the plan tables.
-
-    Args:
-        plans: plan tables, decoded in this order.
-        opts: decode options.
-        cfg: config (``data.num_decode_workers``, stage reservations).
-        one_row_blocks: one row per block (the per-rank streams need it).
-        logical_cpus: decode tasks hold logical CPUs. ``False`` (evaluation during training) asks for none: a paused
-            training pipeline keeps its decode tasks (blocked on generator backpressure) and their CPUs, and an eval
-            pipeline that waits for those CPUs stalls for minutes (measured); blocked tasks use no real CPU.
-    """
-    import ray
-
-    pool = decode_pool(cfg)
-    budget, per_task = decode_resources(cfg, pool)
-    if not logical_cpus:
-        per_task = 0
-    plan = pa.concat_tables(plans) if plans else PLAN_SCHEMA.empty_table()
-    workers = cfg.data.num_decode_workers
-    step = clips_per_task(plan.num_rows, workers)
-    blocks = [plan.slice(i, step) for i in range(0, plan.num_rows, step)] or [plan]
-    # from_blocks reads block metadata here; from_arrow runs a 1-CPU task per block wherever Ray likes, which on an
-    # autoscaling cluster is demand that starts a stage pool's node for nothing (seen on the fake cluster).
-    ds = ray.data.from_blocks(blocks)
-    configure_context(ds.context, budget, one_row_blocks)
-    return ds.map_batches(
-        decode_batch,
-        fn_kwargs={"opts": opts},
-        batch_size=None,
-        batch_format="pyarrow",
-        compute=ray.data.TaskPoolStrategy(size=workers),
-        num_cpus=per_task,
-        **pool_remote_args(pool, per_task or COLLATE_POOL_SHARE),
-    )
-
-
-def _ensure_ray(cfg: Any) -> None:
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(**cfg.cluster.init_kwargs())
-
-
-def build_dataset(cfg: Any, split: str, *, manifest_path: str | None = None, epoch: int = 0) -> Any:
     """One epoch of decoded, tokenised samples of ``split`` as a Ray Data ``Dataset`` (bad rows included, with
     ``ok=False``), in plan order.
 
@@ -351,15 +165,16 @@ def build_dataset(cfg: Any, split: str, *, manifest_path: str | None = None, epo
             or ``infer`` (prompt-only encodings).
         manifest_path: overrides ``data.data_path``/``data.val_path``.
         epoch: which epoch's order and jitter.
+        reserved_cpus: logical CPUs the stage actors hold (kept out of the decode budget).
     """
-    _ensure_ray(cfg)
+    ensure_ray(cfg)
     import ray
 
     manifest = read_manifest(manifest_path or _split_path(cfg, split))
     tokenizer = ChatTokenizer.from_config(cfg)
     opts = DecodeOptions.from_config(cfg, SPLIT_MODES[split], tokenizer, ray.put(manifest.table))
     plan = EpochPlan(len(manifest), cfg.data.seed, split == "train" and cfg.data.shuffle)
-    return decode_dataset([plan.table(epoch)], opts, cfg)
+    return decode_dataset([plan.table(epoch)], opts, cfg, reserved_cpus=reserved_cpus)
 
 
 def _split_path(cfg: Any, split: str) -> str:
@@ -443,6 +258,8 @@ class ManifestDataSource(MicroBatchCursor):
         data_state: the ``data_state`` a checkpoint recorded (:meth:`checkpoint_extras`): the bad-row facts and the
             exact plan position at ``start_sample``. ``None`` (a fresh run, or an older checkpoint) replays the
             position from the quarantine file.
+        reserved_cpus: logical CPUs the stage actors hold (the caller that places them knows:
+            :func:`mimo_ray.runtime.placement.stage_cpu_reservation`), kept out of the decode budget.
 
     Raises:
         ValueError: a missing manifest, a tokenizer/config mismatch, a ``start_sample`` that is not a whole
@@ -451,7 +268,8 @@ class ManifestDataSource(MicroBatchCursor):
     """
 
     def __init__(self, cfg: Any, split: str = "train", start_sample: int = 0, *,
-                 manifest_path: str | None = None, data_state: dict[str, Any] | None = None) -> None:  # fmt: skip
+                 manifest_path: str | None = None, data_state: dict[str, Any] | None = None,
+                 reserved_cpus: float = 0.0) -> None:  # fmt: skip
         if split not in ("train", "val"):
             raise ValueError(f"ManifestDataSource split={split!r}; use 'train' or 'val' (inference: infer.py)")
         batch = cfg.data.micro_batch_size
@@ -459,6 +277,7 @@ class ManifestDataSource(MicroBatchCursor):
             raise ValueError(f"start_sample={start_sample} is not a multiple of data.micro_batch_size={batch}")
         self.cfg = cfg
         self.split = split
+        self.reserved_cpus = float(reserved_cpus)
         self.finite = split != "train"
         self.manifest: Manifest = read_manifest(manifest_path or _split_path(cfg, split))
         self.tokenizer = ChatTokenizer.from_config(cfg)
@@ -473,7 +292,7 @@ class ManifestDataSource(MicroBatchCursor):
             memory.merge(self._check_state(data_state, start_sample))
         self.keeper = BadRowKeeper(self.quarantine_file, self.manifest.path, len(self.manifest),
                                    cfg.data.max_bad_fraction, memory)  # fmt: skip
-        _ensure_ray(cfg)
+        ensure_ray(cfg)
         import ray
 
         self._manifest_ref = ray.put(self.manifest.table)
@@ -591,7 +410,9 @@ class ManifestDataSource(MicroBatchCursor):
         while True:
             # Planned one epoch at a time: every row found bad so far is skipped without decoding.
             plan = self.plan.table(epoch, offset, known=self._known(self.keeper.memory, epoch))
-            ds = decode_dataset([plan], self._opts, self.cfg, logical_cpus=not self.finite)
+            ds = decode_dataset(
+                [plan], self._opts, self.cfg, logical_cpus=not self.finite, reserved_cpus=self.reserved_cpus
+            )
             blocks = ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2)
             try:
                 for table in blocks:
@@ -658,7 +479,7 @@ class ManifestDataSource(MicroBatchCursor):
                                                                  first_ids)  # fmt: skip
         self._registries.append(registry)
         opts = replace(self._opts, registry=[registry])
-        ds = decode_dataset(plans, opts, self.cfg, one_row_blocks=True)
+        ds = decode_dataset(plans, opts, self.cfg, one_row_blocks=True, reserved_cpus=self.reserved_cpus)
         ds = ds.map_batches(
             _CollateFn,
             fn_constructor_kwargs={
@@ -695,10 +516,3 @@ class ManifestDataSource(MicroBatchCursor):
                     pass
         self._coordinators = []
         self._registries = []
-
-
-def prompt_streams(*args: Any, **kwargs: Any) -> Any:
-    """Inference prompt streams; see :func:`mimo_ray.data.infer_batches.prompt_streams`."""
-    from mimo_ray.data.infer_batches import prompt_streams as impl
-
-    return impl(*args, **kwargs)

@@ -22,21 +22,8 @@ from typing import Any
 
 import numpy as np
 
-#: The byte tokenizer's special tokens (ids 256…265); a Hugging Face tokenizer gets the same names.
-SPECIAL_TOKENS: dict[str, int] = {
-    "<pad>": 256,
-    "<bos>": 257,
-    "<eos>": 258,
-    "<|user|>": 259,
-    "<|assistant|>": 260,
-    "<video>": 261,
-    "<audio>": 262,
-    "<image>": 263,
-    "<image_gen>": 264,
-    "<audio_gen>": 265,
-}
-#: The tag that stands for each input modality in a human turn.
-MODALITY_TAGS: dict[str, str] = {"video": "<video>", "audio": "<audio>", "images": "<image>"}
+from mimo_ray.config import MODALITY_TAGS, SPECIAL_TOKENS
+
 TAG_MODALITIES: dict[str, str] = {tag: mod for mod, tag in MODALITY_TAGS.items()}
 DEFAULT_CHAT_TEMPLATE = "<bos><|user|>{human}<|assistant|>{answer}<eos>"
 #: ``data.chat_template`` value for raw text: the prompt is the human text as the tokenizer encodes it alone.

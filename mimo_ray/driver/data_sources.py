@@ -39,5 +39,7 @@ def build_data_source(  # noqa: ANN201 - duck-typed sources
     if is_output_manifest(path):
         return OutputTaskSource(cfg, split, start_sample=start_sample)
     from mimo_ray.data.pipeline import ManifestDataSource
+    from mimo_ray.runtime.placement import stage_cpu_reservation
 
-    return ManifestDataSource(cfg, split, start_sample=start_sample, data_state=data_state)
+    return ManifestDataSource(cfg, split, start_sample=start_sample, data_state=data_state,
+                              reserved_cpus=stage_cpu_reservation(cfg))  # fmt: skip

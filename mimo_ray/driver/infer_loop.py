@@ -15,7 +15,8 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from mimo_ray.config import Config, config_from_dict
+from mimo_ray.config import Config
+from mimo_ray.config_cli import config_from_dict
 from mimo_ray.driver import checkpoint as ckpt_lib
 
 log = logging.getLogger("mimo_ray")
@@ -114,9 +115,10 @@ def run_inference(
     Returns:
         Summary: counts, samples/s, tokens/s, accuracy when answers are known.
     """
-    from mimo_ray.data.pipeline import prompt_streams
+    from mimo_ray.data.infer_batches import prompt_streams
     from mimo_ray.data.tokenizer import ChatTokenizer
     from mimo_ray.runtime.inference import build_infer_runtime
+    from mimo_ray.runtime.placement import stage_cpu_reservation
 
     step_dir = ckpt_lib.resolve(ckpt)
     cfg = config_for_checkpoint(cli, step_dir)
@@ -139,7 +141,10 @@ def run_inference(
             return run_output_inference(cfg, step_dir, tokenizer, data_path, out, done, runtime)
         finally:
             runtime.close()
-    streams, quarantined = prompt_streams(cfg, data_path, runtime.num_streams, skip_ids=done, tokenizer=tokenizer)
+    streams, quarantined = prompt_streams(
+        cfg, data_path, runtime.num_streams, skip_ids=done, tokenizer=tokenizer,
+        reserved_cpus=stage_cpu_reservation(cfg),
+    )  # fmt: skip
     params = {
         "max_new_tokens": cfg.infer.max_new_tokens,
         "temperature": cfg.infer.temperature,

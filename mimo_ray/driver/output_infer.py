@@ -1,6 +1,6 @@
 """Batched inference over an output-task manifest: prompts forced to end in the K generation tokens of the requested
 output → LM group + output decoders → one PNG / WAV per row under ``<output stem>_media/``, referenced from the JSONL.
-File names are the sanitised id plus a hash of the full id (:func:`~mimo_ray.model.output_generate.output_file_name`),
+File names are the sanitised id plus a hash of the full id (:func:`~mimo_ray.media.output_files.output_file_name`),
 so ids never collide or escape the media folder.
 
     summary = run_output_inference(cfg, step_dir, tokenizer, "data/val_out.jsonl", Path("preds.jsonl"), set(), rt)
@@ -19,10 +19,12 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from mimo_ray.config import Config
+from mimo_ray.data.output_prompts import build_output_prompts, requested_output
 from mimo_ray.data.output_source import check_outputs_enabled
 from mimo_ray.data.output_tasks import OUTPUT_KEYS, OutputChatTokenizer, read_output_rows
 from mimo_ray.data.tokenizer import ChatTokenizer, TokenizeError
-from mimo_ray.model.output_generate import build_output_prompts, requested_output, split_decoded, write_output
+from mimo_ray.media.output_files import write_output
+from mimo_ray.model.output_generate import split_decoded
 
 log = logging.getLogger("mimo_ray")
 

@@ -13,7 +13,8 @@ import logging
 from functools import cache
 from typing import Any
 
-from mimo_ray.config import Config, config_to_dict
+from mimo_ray.config import Config
+from mimo_ray.config_cli import config_to_dict
 
 log = logging.getLogger("mimo_ray")
 

@@ -17,10 +17,11 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from mimo_ray.config import Config, config_to_dict
-from mimo_ray.convert.layout import is_imported
+from mimo_ray.config import Config
+from mimo_ray.config_cli import config_to_dict
 from mimo_ray.driver import checkpoint as ckpt
 from mimo_ray.driver.resume_rules import check_resume_config
+from mimo_ray.parallel.imported_layout import is_imported
 
 log = logging.getLogger("mimo_ray")
 RUN_FILE = "run.json"

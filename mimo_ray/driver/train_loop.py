@@ -19,7 +19,8 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from mimo_ray.config import Config, config_to_dict, save_config
+from mimo_ray.config import Config
+from mimo_ray.config_cli import config_to_dict, save_config
 from mimo_ray.driver import checkpoint as ckpt
 from mimo_ray.driver import run_dir
 from mimo_ray.driver.data_sources import build_data_source

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from mimo_ray.config import AudioOutputConfig, ImageOutputConfig, ModelConfig
-from mimo_ray.data.audio_features import mel_filterbank
+from mimo_ray.media.audio_features import mel_filterbank
 
 LOG_FLOOR = 1e-5
 

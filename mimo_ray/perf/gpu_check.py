@@ -20,7 +20,8 @@ from typing import Any
 
 import torch
 
-from mimo_ray.config import Config, load_config
+from mimo_ray.config import Config
+from mimo_ray.config_cli import load_config
 from mimo_ray.perf.report import Table
 
 #: Relative loss difference allowed between the fused and the disaggregated runtime on the same batch: the first step

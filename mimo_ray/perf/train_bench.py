@@ -14,7 +14,8 @@ import itertools
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from mimo_ray.config import Config, config_from_dict, config_to_dict, parse_overrides
+from mimo_ray.config import Config
+from mimo_ray.config_cli import config_from_dict, config_to_dict, parse_overrides
 from mimo_ray.model.inputs import random_batch
 from mimo_ray.perf.flops import lm_tokens_per_step, mfu, train_flops_breakdown, train_flops_per_step
 from mimo_ray.perf.report import Table, ratio
@@ -155,8 +156,10 @@ def _real_feed(data_cfg: Config, holder: dict[str, Any]) -> Callable[[Any, Confi
 
     def feed(rt: Any, cfg: Config) -> Callable[[], Any]:
         from mimo_ray.data.pipeline import ManifestDataSource
+        from mimo_ray.runtime.placement import stage_cpu_reservation
 
-        src = ManifestDataSource(with_overrides(data_cfg, [f"train.runtime={cfg.train.runtime}"]), "train")
+        run_cfg = with_overrides(data_cfg, [f"train.runtime={cfg.train.runtime}"])
+        src = ManifestDataSource(run_cfg, "train", reserved_cpus=stage_cpu_reservation(run_cfg))
         holder["source"] = src
         if cfg.train.runtime == "disaggregated":
             rt.set_data_iterators(src.rank_streams(cfg.parallel.encoder_dp))

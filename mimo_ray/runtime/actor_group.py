@@ -19,6 +19,7 @@ from ray.util.placement_group import PlacementGroup
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from mimo_ray.runtime.placement import GroupSpec, bundle_of, release, reserve
+from mimo_ray.runtime.stage_actor import actor_class
 from mimo_ray.runtime.transport import ActorLocation
 
 
@@ -86,7 +87,8 @@ class ActorGroup:
         self.spec = spec
         self.name = spec.name
         self.pgs = pgs if pgs is not None else reserve([spec], placement_timeout_s, generation)[spec.name]
-        remote_cls = ray.remote(enable_tensor_transport=True)(stage_cls) if tensor_transport else ray.remote(stage_cls)
+        actor_cls = actor_class(stage_cls)
+        remote_cls = ray.remote(enable_tensor_transport=True)(actor_cls) if tensor_transport else ray.remote(actor_cls)
         self.actors = []
         try:
             for rank in range(spec.num_actors):

@@ -107,6 +107,16 @@ def required_resources(specs: list[GroupSpec]) -> dict[str, float]:
     return total
 
 
+def stage_cpu_reservation(cfg: Config) -> float:
+    """Logical CPUs the stage actors of this config hold (0 for the fused runtime, which runs in the driver).
+
+    The data pipelines take this as ``reserved_cpus`` and keep it out of their decode budget.
+    """
+    if cfg.train.runtime != "disaggregated":
+        return 0.0
+    return float(required_resources(group_specs(cfg)).get("CPU", 0.0))
+
+
 def shortfall(need: dict[str, float], have: dict[str, float]) -> dict[str, float]:
     """Resources of ``need`` that ``have`` lacks, with the missing amount."""
     eps = 1e-9

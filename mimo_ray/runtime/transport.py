@@ -9,7 +9,7 @@
 - ``cuda_ipc`` (encoder and LM actors sharing one GPU): Ray Direct Transport over CUDA IPC handles, no communicator.
 
 Direct transports move one object per call, so a stage's list of outputs is stashed in the actor and each output is
-pulled by a ``take`` call (``Stage.run_stashed`` / ``Stage.take``). GPU-only paths: exercised on GPU clusters.
+pulled by a ``take`` call (``StageActor.run_stashed`` / ``StageActor.take``). GPU-only paths: exercised on GPU clusters.
 
     check_transport_config(cfg)                      # before any actor starts: impossible layouts, missing cupy
     name = choose_transport(cfg.parallel, encoder_locations, lm_locations, decoder_locations)

@@ -1,7 +1,7 @@
 """The part every stage shares: process set-up (Megatron in the stage's own world), gradient bookkeeping across
 micro-batches, the data-parallel reduction, the optimizer step with a global clip, TP-gathered views for tests, and
-per-rank checkpoints. Plain Python: Ray wraps subclasses in ``mimo_ray/runtime/actor_group.py``; tests drive them
-in-process.
+per-rank checkpoints. Plain Python: Ray wraps subclasses in ``mimo_ray/runtime/actor_group.py`` (with the calling
+conventions of ``mimo_ray/runtime/stage_actor.py``); tests drive them in-process.
 
 Verbs in a step: ``(forward…/backward…)* → reduce_grads(*lm_stats) → optimizer_step(lr, clip, *sq_norms)``.
 """
@@ -20,8 +20,8 @@ import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from mimo_ray.config import Config
-from mimo_ray.convert.layout import is_imported, load_imported
 from mimo_ray.model.freeze import freeze_parts
+from mimo_ray.parallel.imported_layout import is_imported, load_imported
 from mimo_ray.parallel.megatron_setup import init_megatron, seed_everything
 from mimo_ray.parallel.tp_shards import unshard
 from mimo_ray.stages.optim import (
@@ -386,33 +386,3 @@ class Stage:
         optim = reshard_optimizer([o["optimizer"] for o in old], names, layouts, self.tp, self.tp_rank)
         to = self.device
         return {"model": {k: v.to(to) for k, v in model.items()}, "optimizer": optim}
-
-    # ----- how a remote caller gets a verb's list of outputs -------------------------------------------------------
-    def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        """Run a verb that returns a list of outputs, shaped for Ray's ``num_returns=len(outputs)``.
-
-        Returns:
-            The only output itself for one output (Ray does not unpack ``num_returns=1``), else a tuple.
-        """
-        outputs = getattr(self, method)(*args, **kwargs)
-        return outputs[0] if len(outputs) == 1 else tuple(outputs)
-
-    def run_stashed(self, key: str, method: str, *args: Any, **kwargs: Any) -> int:
-        """Run a verb and keep its list of outputs for :meth:`take` (Ray Direct Transport moves one object per call).
-
-        Returns:
-            The number of outputs.
-        """
-        outputs = getattr(self, method)(*args, **kwargs)
-        self.__dict__.setdefault("_stash", {})[key] = list(outputs)
-        return len(outputs)
-
-    @stage_call
-    def take(self, ready: int, key: str, index: int) -> Any:
-        """Output ``index`` of a stashed call (``ready`` is that call's result, so errors propagate in order)."""
-        stash = self.__dict__.setdefault("_stash", {})
-        outputs = stash[key]
-        value, outputs[index] = outputs[index], None
-        if all(v is None for v in outputs):
-            del stash[key]
-        return value

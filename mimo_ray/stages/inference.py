@@ -15,10 +15,10 @@ from typing import Any
 
 import torch
 
-from mimo_ray.convert.layout import is_imported, load_imported
 from mimo_ray.model import build_lm_part, encode_modalities
 from mimo_ray.model.generate import generate
 from mimo_ray.model.output_generate import decode_generation
+from mimo_ray.parallel.imported_layout import is_imported, load_imported
 from mimo_ray.stages.base import Stage, stage_call
 from mimo_ray.stages.encoder import EncoderStage
 from mimo_ray.stages.fused import FusedStage

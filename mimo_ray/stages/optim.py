@@ -5,7 +5,8 @@ global token count → global grad norm from every group's contribution → clip
 
     opt = build_optimizer(model.parameters(), cfg.train)
     part = grad_sq_norm(model.named_parameters(), count_replicated=True)
-    norm = total_norm([part, *other_groups_parts]); scale_grads(params, clip_coefficient(norm, cfg.train.grad_clip))
+    norm = total_norm([part, *other_groups_parts]); coef = clip_coefficient(norm, cfg.train.grad_clip)
+    # the stage's MixedPrecisionOptimizer.step(coef) applies the clip factor
 """
 
 from __future__ import annotations
@@ -94,14 +95,6 @@ def clip_coefficient(norm: float, max_norm: float) -> float:
     if max_norm <= 0:
         return 1.0
     return min(1.0, max_norm / (norm + CLIP_EPS))
-
-
-def scale_grads(params: Iterable[torch.Tensor], factor: float) -> None:
-    """Multiply every existing gradient (``main_grad`` where present) in place by ``factor``."""
-    for p in params:
-        grad = param_grad(p)
-        if grad is not None:
-            grad.mul_(factor)
 
 
 def divide_grads(params: Iterable[torch.Tensor], divisor: float) -> None:

@@ -17,7 +17,7 @@ import ray
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from mimo_ray.config import load_config  # noqa: E402
+from mimo_ray.config_cli import load_config  # noqa: E402
 from mimo_ray.driver.ledger import SampleLedger  # noqa: E402
 from mimo_ray.driver.train_loop import TrainLoop  # noqa: E402
 from mimo_ray.observability import read_metrics  # noqa: E402

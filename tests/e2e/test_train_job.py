@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from jobs import train as train_job  # noqa: E402
-from mimo_ray.config import load_config  # noqa: E402
+from mimo_ray.config_cli import load_config  # noqa: E402
 from mimo_ray.driver.ledger import SampleLedger  # noqa: E402
 from mimo_ray.driver.train_loop import TrainLoop  # noqa: E402
 from mimo_ray.observability import read_metrics  # noqa: E402
@@ -117,7 +117,7 @@ def test_bad_flag_and_missing_path_fail_before_actors(tmp_path, capsys):
 def test_fresh_run_over_another_runs_checkpoints_fails_before_ray(tmp_path, monkeypatch):
     import ray
 
-    from mimo_ray.config import config_to_dict
+    from mimo_ray.config_cli import config_to_dict
 
     old = tmp_path / "checkpoints" / "step_0000800"
     old.mkdir(parents=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from tolerances import params_ratio, rel
 
-from mimo_ray.config import load_config
+from mimo_ray.config_cli import load_config
 from mimo_ray.model.inputs import random_batch
 from mimo_ray.runtime import build_runtime
 

@@ -5,7 +5,7 @@ import pytest
 import ray
 import torch
 
-from mimo_ray.config import load_config
+from mimo_ray.config_cli import load_config
 from mimo_ray.model.freeze import part_of
 
 CASES = {

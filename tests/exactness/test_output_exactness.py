@@ -5,7 +5,7 @@ import pytest
 import ray
 from tolerances import params_ratio, rel
 
-from mimo_ray.config import load_config
+from mimo_ray.config_cli import load_config
 from mimo_ray.model.inputs import random_batch, with_output_tasks
 from mimo_ray.runtime import build_runtime
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mimo_ray.config import load_config
+from mimo_ray.config_cli import load_config
 from mimo_ray.perf import flops
 
 ROOT = Path(__file__).resolve().parents[2]

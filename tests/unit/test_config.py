@@ -2,7 +2,8 @@ import dataclasses
 
 import pytest
 
-from mimo_ray.config import FLAG_ALIASES, Config, load_config, parse_job_args, save_config
+from mimo_ray.config import Config
+from mimo_ray.config_cli import FLAG_ALIASES, load_config, parse_job_args, save_config
 
 
 @pytest.mark.parametrize("preset", ["tiny", "bench-s", "bench-l", "avlm-7b"])

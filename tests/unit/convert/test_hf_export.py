@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from mimo_ray.convert.exporter import export_run
 from mimo_ray.convert.importer import import_run
-from mimo_ray.convert.layout import part_file
+from mimo_ray.parallel.imported_layout import part_file
 
 transformers = pytest.importorskip("transformers")
 

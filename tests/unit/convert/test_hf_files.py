@@ -8,9 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from mimo_ray.config import load_config
+from mimo_ray.config_cli import load_config
 from mimo_ray.convert.importer import import_run
-from mimo_ray.convert.layout import part_file
+from mimo_ray.parallel.imported_layout import part_file
 
 
 def _lm_part(step):

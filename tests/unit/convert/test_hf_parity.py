@@ -144,7 +144,7 @@ def test_mismatch_names_hf_key_and_shapes(hf_dirs, tmp_path):
 
 
 def test_log_mel_matches_whisper_feature_extractor():
-    from mimo_ray.data.audio_features import log_mel
+    from mimo_ray.media.audio_features import log_mel
 
     fe = transformers.WhisperFeatureExtractor(feature_size=80, sampling_rate=16000, hop_length=160, chunk_length=1,
                                               n_fft=400)
@@ -157,7 +157,7 @@ def test_log_mel_matches_whisper_feature_extractor():
 
 
 def test_chat_tokenization_equals_apply_chat_template(hf_dirs, tmp_path):
-    from mimo_ray.config import load_config
+    from mimo_ray.config_cli import load_config
     from mimo_ray.convert.hf_dir import HFDir
     from mimo_ray.convert.importer import derive_config
     from mimo_ray.data.tokenizer import ChatTokenizer

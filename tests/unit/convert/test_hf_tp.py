@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from mimo_ray.convert.importer import import_run
-from mimo_ray.convert.layout import part_file
 from mimo_ray.model.inputs import random_batch
+from mimo_ray.parallel.imported_layout import part_file
 from mimo_ray.runtime import build_runtime
 
 transformers = pytest.importorskip("transformers")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from mimo_ray.data.audio_features import (
+from mimo_ray.media.audio_features import (
     BEATS_FBANK_MEAN,
     BEATS_FBANK_STD,
     fbank,

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from mimo_ray.data.bad_memory import BadMemory
+from mimo_ray.data.epoch_plan import EpochPlan
 from mimo_ray.data.isolation import FAULTS_ENV, TRACE_ENV
-from mimo_ray.data.pipeline import EpochPlan
 from mimo_ray.data.quarantine import BadRow, QuarantineLog, read_quarantine
 
 # ---------------------------------------------------------------- the memory itself (no Ray)
@@ -128,7 +128,7 @@ def bad_data(tmp_path_factory, synthetic_module):
 
 
 def _cfg(manifest: str, out: Path):
-    from mimo_ray.config import load_config
+    from mimo_ray.config_cli import load_config
 
     return load_config("tiny", [
         f"data.data_path={manifest}", f"train.output_dir={out}", "data.micro_batch_size=2",
@@ -266,8 +266,8 @@ def test_decode_tasks_ask_and_tell_the_shared_registry(bad_data, faults, ray_loc
 
     from mimo_ray.data import prepare
     from mimo_ray.data.bad_memory import BadRowRegistry
+    from mimo_ray.data.epoch_plan import PLAN_SCHEMA
     from mimo_ray.data.manifest import read_manifest
-    from mimo_ray.data.pipeline import PLAN_SCHEMA
     from mimo_ray.data.tokenizer import ChatTokenizer
 
     cfg = _cfg(bad_data["manifest"], tmp_path)

@@ -3,8 +3,8 @@
 import pytest
 import ray
 
-from mimo_ray.config import load_config
-from mimo_ray.data.pipeline import decode_pool, decode_resources, pool_remote_args
+from mimo_ray.config_cli import load_config
+from mimo_ray.data.ray_dataset import decode_pool, decode_resources, pool_remote_args
 
 
 @pytest.mark.parametrize(

@@ -9,8 +9,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from mimo_ray.data.epoch_plan import EpochPlan
 from mimo_ray.data.manifest import read_manifest
-from mimo_ray.data.pipeline import EpochPlan, clips_per_task
+from mimo_ray.data.ray_dataset import clips_per_task
 
 CONV = [{"from": "human", "value": "<video>\n<audio>\nQ?"}, {"from": "gpt", "value": "red, A"}]
 

@@ -154,7 +154,7 @@ def test_video_without_audio_stream_fails_at_audio(palette_clip) -> None:
 
 
 def _spec():
-    from mimo_ray.config import load_config
+    from mimo_ray.config_cli import load_config
     from mimo_ray.data.sample_media import MediaSpec
 
     return MediaSpec.from_config(load_config("tiny"))  # 2 s clips at 16 kHz → log-mel [80, 200]

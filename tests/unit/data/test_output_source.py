@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from mimo_ray.config import load_config
+from mimo_ray.config_cli import load_config
 from mimo_ray.data.output_source import OutputTaskSource, is_output_manifest
-from mimo_ray.data.output_tasks import write_png, write_wav
 from mimo_ray.data.quarantine import DataQualityError, read_quarantine
 from mimo_ray.driver.data_sources import build_data_source
+from mimo_ray.media.files import write_png, write_wav
 
 OUT = ["model.outputs.image_out.enabled=true", "model.outputs.audio_out.enabled=true"]
 

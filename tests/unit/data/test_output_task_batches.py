@@ -4,9 +4,10 @@ import numpy as np
 import pytest
 import soundfile
 
-from mimo_ray.config import load_config
-from mimo_ray.data.output_tasks import OutputChatTokenizer, OutputTaskBatches, collate_output_rows, write_png
+from mimo_ray.config_cli import load_config
+from mimo_ray.data.output_tasks import OutputChatTokenizer, OutputTaskBatches, collate_output_rows
 from mimo_ray.data.tokenizer import ChatTokenizer
+from mimo_ray.media.files import write_png
 
 CFG = ["model.outputs.image_out.enabled=true", "model.outputs.audio_out.enabled=true", "model.lm.seq_length=40"]
 

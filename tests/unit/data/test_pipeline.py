@@ -11,7 +11,7 @@ import pytest
 import soundfile
 import torch
 
-from mimo_ray.config import load_config
+from mimo_ray.config_cli import load_config
 from mimo_ray.data.isolation import FAULTS_ENV, DecodeProcess, decode_isolated
 from mimo_ray.data.quarantine import read_quarantine
 from mimo_ray.data.sample_media import MediaSpec, decode_media, from_transport

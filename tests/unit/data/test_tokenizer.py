@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from mimo_ray.config import load_config
+from mimo_ray.config_cli import load_config
 from mimo_ray.data.tokenizer import (
     IGNORE_INDEX,
     SPECIAL_TOKENS,

@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from mimo_ray.config import load_config
+from mimo_ray.config_cli import load_config
 from mimo_ray.driver import checkpoint as ckpt
 from mimo_ray.driver.schedule import lr_at
 from mimo_ray.observability import MetricsWriter, plot_metrics, read_metrics

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import soundfile
 
-from mimo_ray.config import load_config
-from mimo_ray.data.output_tasks import read_png
+from mimo_ray.config_cli import load_config
 from mimo_ray.data.tokenizer import ChatTokenizer
 from mimo_ray.driver.output_infer import run_output_inference
-from mimo_ray.model.output_generate import output_file_name, write_output
+from mimo_ray.media.files import read_png
+from mimo_ray.media.output_files import output_file_name, write_output
 
 IDS = ["a.1", "a.2", "a_1", "A.1", "../evil", "/abs", "sub/dir/x", "ünïcödé", "日本", "", ".hidden", "x" * 300]
 

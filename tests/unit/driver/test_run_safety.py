@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mimo_ray.config import load_config, parse_job_args
+from mimo_ray.config_cli import load_config, parse_job_args
 from mimo_ray.driver import checkpoint as ckpt
 from mimo_ray.driver import run_dir, train_loop
 from mimo_ray.driver.resume_rules import config_changes, is_safe
@@ -295,7 +295,7 @@ def test_recovery_without_any_checkpoint_restarts_from_step_0_and_says_so(tmp_pa
 
 def test_config_changes_compare_missing_fields_as_defaults():
     cfg = load_config("tiny")
-    from mimo_ray.config import config_to_dict
+    from mimo_ray.config_cli import config_to_dict
 
     current = config_to_dict(cfg)
     stored = json.loads(json.dumps(current))

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from mimo_ray.config import load_config
+from mimo_ray.config_cli import load_config
 from mimo_ray.model import build_fused_model
 from mimo_ray.model.inputs import random_batch
 from mimo_ray.model.layers import te_available

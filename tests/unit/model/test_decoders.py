@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from mimo_ray.config import load_config
+from mimo_ray.config_cli import load_config
 from mimo_ray.model import build_fused_model
 from mimo_ray.model.decoders import OutputDecoders, gather_generation_rows, per_sample_loss, samples_with_output
 from mimo_ray.model.inputs import random_batch, with_output_tasks

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from mimo_ray.config import load_config
+from mimo_ray.config_cli import load_config
 from mimo_ray.model import build_fused_model, encoder_name, input_shape, tokens_per_sample
 from mimo_ray.model.align import align_embeddings
 from mimo_ray.model.inputs import random_batch

@@ -9,7 +9,7 @@ import functools
 import pytest
 import torch
 
-from mimo_ray.config import load_config
+from mimo_ray.config_cli import load_config
 from mimo_ray.model import build_lm_part, tokens_per_sample
 from mimo_ray.model.generate import generate, nucleus_mask, sample_next
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from mimo_ray.config import load_config
+from mimo_ray.config_cli import load_config
 from mimo_ray.model.inputs import random_batch
 
 

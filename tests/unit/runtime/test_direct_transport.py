@@ -10,7 +10,8 @@ import pytest
 import ray
 import torch
 
-from mimo_ray.config import load_config
+from mimo_ray.config_cli import load_config
+from mimo_ray.runtime.stage_actor import actor_class
 from mimo_ray.runtime.transport import DirectTransport
 from mimo_ray.stages.base import Stage, stage_call
 
@@ -34,7 +35,7 @@ def test_direct_transport_moves_tensor_payloads_actor_to_actor(ray_local):
     cfg = load_config("tiny")
 
     def actor(cls, role):
-        remote = ray.remote(enable_tensor_transport=True)(cls).options(num_cpus=0.25)
+        remote = ray.remote(enable_tensor_transport=True)(actor_class(cls)).options(num_cpus=0.25)
         return remote.remote(cfg, role=role, rank=0, world_size=1)
 
     producer, consumer = actor(Producer, "producer"), actor(Consumer, "consumer")

@@ -7,7 +7,7 @@ import ray
 import torch
 from tolerances import LOSS_RTOL, params_ratio
 
-from mimo_ray.config import load_config
+from mimo_ray.config_cli import load_config
 from mimo_ray.model.inputs import random_batch
 from mimo_ray.runtime import InsufficientResourcesError, build_runtime
 from mimo_ray.stages import ListStream

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from mimo_ray.config import load_config
+from mimo_ray.config_cli import load_config
 from mimo_ray.model.inputs import random_batch
 from mimo_ray.runtime import TrainRuntime, build_runtime
 

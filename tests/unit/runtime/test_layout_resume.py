@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from mimo_ray.config import load_config
+from mimo_ray.config_cli import load_config
 from mimo_ray.model.inputs import random_batch
 from mimo_ray.runtime import build_runtime
 from mimo_ray.stages import ListStream

@@ -1,6 +1,6 @@
 import pytest
 
-from mimo_ray.config import load_config
+from mimo_ray.config_cli import load_config
 from mimo_ray.runtime.placement import (
     InsufficientResourcesError,
     bundle_of,

@@ -57,7 +57,7 @@ def main(rank: int, port_lm: int, port_enc: int) -> None:
     for name in COLLECTIVES:
         if hasattr(dist, name):
             _wrap(name)
-    from mimo_ray.config import load_config
+    from mimo_ray.config_cli import load_config
     from mimo_ray.model.inputs import random_batch
     from mimo_ray.model.spec import tokens_per_sample
     from mimo_ray.stages.encoder import EncoderStage

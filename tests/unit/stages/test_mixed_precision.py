@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mimo_ray.config import load_config
+from mimo_ray.config_cli import load_config
 from mimo_ray.model.inputs import random_batch, with_output_tasks
 from mimo_ray.runtime.fused import FusedRuntime
 from mimo_ray.stages.fused import FusedStage

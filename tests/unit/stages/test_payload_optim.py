@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from mimo_ray.config import load_config
+from mimo_ray.config_cli import load_config
 from mimo_ray.stages.optim import build_optimizer, clip_coefficient, grad_sq_norm, set_lr, total_norm
 from mimo_ray.stages.payload import concat_rows, pack, row_offsets, rows_per_sample, slice_samples, unpack
 

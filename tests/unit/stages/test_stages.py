@@ -6,9 +6,10 @@ import pytest
 import torch
 from tolerances import GRAD_RTOL, LOSS_RTOL, max_rel, params_ratio
 
-from mimo_ray.config import load_config
+from mimo_ray.config_cli import load_config
 from mimo_ray.data.random_stream import RandomBatchStream
 from mimo_ray.model.inputs import random_batch
+from mimo_ray.runtime.stage_actor import StageActor
 from mimo_ray.stages import EncoderStage, FusedStage, LanguageStage
 from mimo_ray.stages.payload import pack
 
@@ -134,10 +135,10 @@ def test_checkpoint_roundtrip_and_stash(stages, cfg, tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
         fused.load(str(tmp_path))
     # Ray Direct Transport shape: outputs stashed, then taken one by one.
-    assert enc.run_stashed("k", "forward_step", 0, batches[0], [(0, 1), (1, 3)], train=False) == 2
-    assert enc.take(2, "k", 1)["emb"]["video"].shape[0] == 2 * 16
-    assert enc.take(2, "k", 0)["tokens"]["input_ids"].shape == (1, 64)
-    assert enc.call("forward_step", 0, batches[0], [(0, 3)], train=False)["emb"]["audio"].shape[0] == 3 * 8
+    assert StageActor.run_stashed(enc, "k", "forward_step", 0, batches[0], [(0, 1), (1, 3)], train=False) == 2
+    assert StageActor.take(enc, 2, "k", 1)["emb"]["video"].shape[0] == 2 * 16
+    assert StageActor.take(enc, 2, "k", 0)["tokens"]["input_ids"].shape == (1, 64)
+    assert StageActor.call(enc, "forward_step", 0, batches[0], [(0, 3)], train=False)["emb"]["audio"].shape[0] == 3 * 8
 
 
 def test_random_streams_interleave_to_one_sequence(cfg):
