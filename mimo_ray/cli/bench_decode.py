@@ -80,11 +80,14 @@ def _pool_init() -> None:
 def bench_pipeline(cfg: Config, manifest: str, repeats: int) -> dict[str, float]:
     """Clips/s of the pipeline's decode with rows pulled into this process as ``next_step`` does: a cold pass (Ray
     Data workers and their decoder processes start), a warm pass, and a warm pass that also turns the uint8 frames
-    into normalised floats here (the consumer's share; on a GPU that step belongs on the device).
+    into normalised floats here on the CPU (the encoder's share, which on a GPU runs on the device).
     """
+    import torch
+
     from mimo_ray.data.collate import MODALITY_COLUMNS, BatchLayout
     from mimo_ray.data.pipeline import build_dataset
-    from mimo_ray.data.sample_media import from_transport
+    from mimo_ray.data.sample_media import FRAME_MODALITIES, from_transport
+    from mimo_ray.media.frames import normalize_pixels
     from mimo_ray.runtime.placement import stage_cpu_reservation
 
     layout = BatchLayout.from_config(cfg)
@@ -99,7 +102,9 @@ def bench_pipeline(cfg: Config, manifest: str, repeats: int) -> dict[str, float]
             ok += sum(table.column("ok").to_pylist())
             for mod in layout.modalities if normalise else ():
                 for data in table.column(MODALITY_COLUMNS[mod]).to_pylist():
-                    from_transport(mod, layout.media_from_bytes(mod, data, 1))
+                    arr = torch.from_numpy(from_transport(mod, layout.media_from_bytes(mod, data, 1)))
+                    if mod in FRAME_MODALITIES:
+                        normalize_pixels(arr)
         if ok != total:
             raise RuntimeError(f"{total - ok} of {total} clips failed in the pipeline")
         rates[name] = max(rates.get(name, 0.0), total / (time.perf_counter() - start))

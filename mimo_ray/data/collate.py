@@ -100,7 +100,8 @@ class BatchLayout:
 @dataclass
 class MicroBatch:
     """One micro-batch in numpy: ``input_ids/labels`` int64 ``[B, S]``, ``loss_mask`` float32 ``[B, S]``,
-    ``media[modality]`` float32 ``[B, *shape]``; ``ids`` the sample ids.
+    ``media[modality]`` in its transport layout (uint8 RGB frames ``[B, T, H, W, 3]`` / ``[B, H, W, 3]``, float32
+    audio ``[B, bins, frames]``); ``ids`` the sample ids.
     """
 
     index: int

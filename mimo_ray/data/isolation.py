@@ -152,7 +152,7 @@ class DecodeProcess:
         """Decode one request in the child.
 
         Returns:
-            ``("ok", transport arrays)`` (:func:`~mimo_ray.data.sample_media.to_transport`),
+            ``("ok", transport arrays)`` (:func:`~mimo_ray.data.sample_media.decode_media`),
             ``("media", stage, message)`` or ``("error", type_name, message)``.
 
         Raises:
@@ -227,7 +227,7 @@ def _act_out(fault: str | None) -> None:
 
 def _child_main() -> None:
     from mimo_ray.data.errors import MediaError
-    from mimo_ray.data.sample_media import decode_media, to_transport
+    from mimo_ray.data.sample_media import decode_media
 
     channel_in = os.fdopen(os.dup(0), "rb", buffering=0)
     channel_out = os.fdopen(os.dup(1), "wb", buffering=0)
@@ -255,7 +255,7 @@ def _child_main() -> None:
             request = message[1]
             _act_out(request.get("fault"))
             try:
-                reply = ("ok", to_transport(decode_media(request, spec)))
+                reply = ("ok", decode_media(request, spec))
             except MediaError as err:
                 reply = ("media", err.stage, err.message)
             except Exception as err:  # reported as stage "error" for this sample only

@@ -1,5 +1,5 @@
-"""One sample's media → encoder inputs: ``num_frames`` CLIP-normalised frames, a log-mel (Whisper) or fbank (BEATs)
-of the clip's audio, an image. Pure numpy on top of :mod:`mimo_ray.data.video` / :mod:`mimo_ray.data.audio`; runs
+"""One sample's media → encoder inputs: ``num_frames`` uint8 RGB frames, a log-mel (Whisper) or fbank (BEATs) of the
+clip's audio, an uint8 RGB image. Pure numpy on top of :mod:`mimo_ray.data.video` / :mod:`mimo_ray.data.audio`; runs
 inside the isolated decoder process (:mod:`mimo_ray.data.isolation`), in the benchmarks and in tests.
 
 Training jitter (frame choice inside each segment, audio crop offset) is drawn from a generator seeded by
@@ -15,10 +15,11 @@ from typing import Any
 import numpy as np
 
 from mimo_ray.data.audio import crop_or_pad, fbank, load_audio, log_mel
-from mimo_ray.data.video import CLIP_MEAN, CLIP_STD, decode_image, decode_video, normalize_frames
+from mimo_ray.data.video import decode_image, decode_video
 
-#: Frames travel through the pipeline as uint8 ``[..., H, W, 3]`` (4x fewer bytes than the normalised floats) and
-#: are normalised by the consumer with the same :func:`normalize_frames`, which gives bit-identical tensors.
+#: Frames travel as decoded, uint8 ``[..., H, W, 3]`` (4x fewer bytes than normalised floats), from the decoder
+#: to the encoder's device, where the vision encoder normalises them once
+#: (:func:`mimo_ray.media.frames.normalize_pixels`).
 FRAME_MODALITIES = ("video", "images")
 
 
@@ -79,7 +80,8 @@ def decode_media(request: dict[str, Any], spec: MediaSpec) -> dict[str, np.ndarr
         spec: shapes and feature settings.
 
     Returns:
-        ``{modality: float32 array of spec.shape(modality)}`` for every modality in ``spec.modalities``.
+        ``{modality: array}`` for every modality in ``spec.modalities``, in its transport layout
+        (:func:`transport_layout`): uint8 RGB ``[T, H, W, 3]`` video and ``[H, W, 3]`` images, float32 audio.
 
     Raises:
         MediaError: with the failing stage (``open``, ``decode``, ``frames``, ``audio``, ``truncated``).
@@ -102,10 +104,13 @@ def decode_media(request: dict[str, Any], spec: MediaSpec) -> dict[str, np.ndarr
             wave = load_audio(request["video"], target_sr=spec.sample_rate, from_video=True)
         wave = crop_or_pad(wave, spec.clip_samples, train=train, rng=rng)
         out["audio"] = audio_features(wave, spec)
+    arrays = {}
     for mod, arr in out.items():
-        if tuple(arr.shape) != spec.shape(mod):
-            raise ValueError(f"{mod} decoded to shape {tuple(arr.shape)}, the encoder takes {spec.shape(mod)}")
-    return {m: np.ascontiguousarray(a, dtype=np.float32) for m, a in out.items()}
+        dtype, shape = transport_layout(mod, spec.shape(mod))
+        if tuple(arr.shape) != shape:
+            raise ValueError(f"{mod} decoded to shape {tuple(arr.shape)}, the encoder takes {shape}")
+        arrays[mod] = np.ascontiguousarray(arr, dtype=dtype)
+    return arrays
 
 
 def transport_layout(modality: str, shape: tuple[int, ...]) -> tuple[type, tuple[int, ...]]:
@@ -119,26 +124,12 @@ def transport_layout(modality: str, shape: tuple[int, ...]) -> tuple[type, tuple
     return np.float32, tuple(shape)
 
 
-def to_transport(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Model inputs → transport arrays: CLIP-normalised frames back to their exact uint8 RGB values."""
-    out = {}
-    for mod, arr in arrays.items():
-        if mod in FRAME_MODALITIES:
-            frames = arr if mod == "video" else arr[None]
-            rgb = (frames.transpose(0, 2, 3, 1) * CLIP_STD + CLIP_MEAN) * np.float32(255.0)
-            arr = np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
-            arr = arr if mod == "video" else arr[0]
-        out[mod] = np.ascontiguousarray(arr)
-    return out
-
-
 def from_transport(modality: str, batch: np.ndarray) -> np.ndarray:
-    """Transport arrays ``[B, *transport shape]`` → model inputs ``[B, *shape]`` float32 (a new array)."""
-    if modality not in FRAME_MODALITIES:
-        return np.array(batch, dtype=np.float32)
-    size = batch.shape[0]
-    frames = normalize_frames(batch.reshape(-1, *batch.shape[-3:]))
-    return frames.reshape(size, -1, *frames.shape[1:]) if modality == "video" else frames
+    """Transport arrays ``[B, *transport shape]`` (e.g. read-only views of Arrow buffers) → an owned, writable array
+    the model takes as is: uint8 frames (normalised by the vision encoder on its device), float32 audio.
+    """
+    dtype = np.uint8 if modality in FRAME_MODALITIES else np.float32
+    return np.array(batch, dtype=dtype)
 
 
 def request_paths(request: dict[str, Any]) -> list[str]:

@@ -1,4 +1,4 @@
-"""Video and image decoding into CLIP-normalised float frames."""
+"""Video and image decoding into uint8 RGB frames (the vision encoder normalises them on its device)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,6 @@ import numpy as np
 
 from mimo_ray.data.errors import MediaError
 from mimo_ray.data.media_source import MediaSource, checked_source, describe
-
-#: CLIP's per-channel RGB statistics (the ViT encoders were trained on inputs normalised with these).
-CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
-CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
 
 # Message of decord's failed buffer copy for frame widths whose row stride it gets wrong.
 _DECORD_STRIDE_BUG = "DECORDArrayCopyFromTo"
@@ -54,20 +50,6 @@ def sample_frame_indices(
     return rng.integers(bounds[:-1], bounds[1:]).astype(np.int64)
 
 
-def normalize_frames(frames: np.ndarray) -> np.ndarray:
-    """Converts RGB frames to CLIP-normalised channels-first floats.
-
-    Args:
-        frames: uint8 ``[T, H, W, 3]``.
-
-    Returns:
-        float32 ``[T, 3, H, W]``: ``(frames / 255 - CLIP_MEAN) / CLIP_STD``.
-    """
-    scaled = frames.astype(np.float32) * np.float32(1.0 / 255.0)
-    scaled = (scaled - CLIP_MEAN) / CLIP_STD
-    return np.ascontiguousarray(scaled.transpose(0, 3, 1, 2))
-
-
 def decode_video(
     source: MediaSource,
     num_frames: int,
@@ -90,7 +72,7 @@ def decode_video(
         num_threads: Decoder threads; 1 suits many parallel decode workers, 0 lets FFmpeg choose.
 
     Returns:
-        float32 ``[num_frames, 3, H, W]``, CLIP-normalised.
+        uint8 RGB ``[num_frames, H, W, 3]``.
 
     Raises:
         MediaError: stage ``"open"`` (missing or empty), ``"decode"`` (not a decodable video), ``"frames"``
@@ -122,7 +104,7 @@ def decode_video(
         frames = _decode_indices_with_av(src, name, indices, height, width)
     if frames.shape != (num_frames, height, width, 3):
         raise MediaError("decode", f"{name}: decoder returned frames of shape {frames.shape}")
-    return normalize_frames(frames)
+    return np.ascontiguousarray(frames, dtype=np.uint8)
 
 
 def _decode_indices_with_av(
@@ -165,7 +147,7 @@ def decode_image(source: MediaSource, size: tuple[int, int]) -> np.ndarray:
         size: Output ``(height, width)`` in pixels.
 
     Returns:
-        float32 ``[1, 3, H, W]``, CLIP-normalised.
+        uint8 RGB ``[1, H, W, 3]``.
 
     Raises:
         MediaError: stage ``"open"`` (missing or empty) or ``"decode"`` (not a decodable image).
@@ -187,7 +169,7 @@ def decode_image(source: MediaSource, size: tuple[int, int]) -> np.ndarray:
         raise
     except Exception as exc:  # PyAV raises FFmpegError subclasses, but also OSError/ValueError on odd input
         raise MediaError("decode", f"{name}: cannot decode as image: {_first_line(exc)}") from exc
-    return normalize_frames(rgb[None])
+    return np.ascontiguousarray(rgb[None], dtype=np.uint8)
 
 
 def _checked_size(size: tuple[int, int]) -> tuple[int, int]:

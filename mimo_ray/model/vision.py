@@ -15,6 +15,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from mimo_ray.media.frames import normalize_pixels
 from mimo_ray.parallel.megatron_setup import building_on_cpu
 
 
@@ -60,11 +61,15 @@ class FrameCLIPEncoder(torch.nn.Module):
         """Encode frames.
 
         Args:
-            pixel_values: ``[B, T, 3, H, W]`` video or ``[B, 3, H, W]`` images, normalised.
+            pixel_values: uint8 RGB ``[B, T, H, W, 3]`` video or ``[B, H, W, 3]`` images as decoded (normalised
+                here, on the encoder's device), or float ``[B, T, 3, H, W]`` / ``[B, 3, H, W]`` already
+                CLIP-normalised.
 
         Returns:
             ``[B, T * tokens_per_frame, Hv]`` (``[B, T * (1 + tokens_per_frame), Hv]`` keeping the class token).
         """
+        if pixel_values.dtype == torch.uint8:
+            pixel_values = normalize_pixels(pixel_values, self.vit.conv1.weight.dtype)
         if pixel_values.dim() == 4:
             pixel_values = pixel_values.unsqueeze(1)
         b, t = pixel_values.shape[:2]

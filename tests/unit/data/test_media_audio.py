@@ -172,7 +172,7 @@ def test_short_wav_beside_a_longer_video_is_kept_and_zero_padded(palette_clip, w
     speech = media.tone(700.0, 22050, 1.4)  # 1.4 s: the narration case that was quarantined as truncated
     wav = wav_file(speech, 22050)
     out = decode_media(_request(video, wav), spec)
-    assert out["audio"].shape == (80, 200) and out["video"].shape == (4, 3, 32, 32)
+    assert out["audio"].shape == (80, 200) and out["video"].shape == (4, 32, 32, 3)  # uint8 RGB frames
     wave = load_audio(wav)
     assert wave.shape == (22400,)  # 1.4 s at 16 kHz
     padded = np.zeros(spec.clip_samples, dtype=np.float32)

@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 
 from mimo_ray.data.errors import MediaError
-from mimo_ray.data.video import CLIP_MEAN, CLIP_STD, decode_image, decode_video, sample_frame_indices
+from mimo_ray.data.video import decode_image, decode_video, sample_frame_indices
+from mimo_ray.media.frames import CLIP_MEAN, CLIP_STD
 
 
 def to_rgb(frames: np.ndarray) -> np.ndarray:
-    """Undoes CLIP normalisation: ``[T, 3, H, W]`` → ``[T, H, W, 3]`` in 0..255."""
-    return (frames.transpose(0, 2, 3, 1) * CLIP_STD + CLIP_MEAN) * 255.0
+    """Decoded uint8 ``[T, H, W, 3]`` frames as float RGB in 0..255."""
+    return frames.astype(np.float64)
 
 
 def frame_colour_indices(frames: np.ndarray, media) -> list[int]:
@@ -62,7 +63,7 @@ def test_too_few_frames_is_an_error_naming_both_counts() -> None:
 def test_decoded_frames_show_the_colours_of_the_sampled_indices(palette_clip, media) -> None:
     path = palette_clip(16)
     frames = decode_video(path, 4, (24, 40))
-    assert frames.dtype == np.float32 and frames.shape == (4, 3, 24, 40)
+    assert frames.dtype == np.uint8 and frames.shape == (4, 24, 40, 3)
     assert frame_colour_indices(frames, media) == [2, 6, 10, 14]
     # Solid frames decode to within a few levels of the source colour despite yuv420p.
     assert np.abs(to_rgb(frames) - media.PALETTE[[2, 6, 10, 14]][:, None, None, :]).max() < 12
@@ -126,12 +127,12 @@ def test_media_error_survives_pickling() -> None:
 # ---------------------------------------------------------------- decode_image
 
 
-def test_decode_image_resizes_and_normalises(png_file, tmp_path) -> None:
+def test_decode_image_resizes_to_rgb(png_file, tmp_path) -> None:
     rgb = np.zeros((20, 40, 3), dtype=np.uint8)
     rgb[:, :20] = (255, 0, 0)
     rgb[:, 20:] = (0, 0, 255)
     image = decode_image(png_file(rgb), (10, 8))
-    assert image.dtype == np.float32 and image.shape == (1, 3, 10, 8)
+    assert image.dtype == np.uint8 and image.shape == (1, 10, 8, 3)
     decoded = to_rgb(image)[0]
     np.testing.assert_allclose(decoded[:, :3], np.broadcast_to([255, 0, 0], (10, 3, 3)), atol=2)
     np.testing.assert_allclose(decoded[:, 5:], np.broadcast_to([0, 0, 255], (10, 3, 3)), atol=2)

@@ -140,7 +140,9 @@ def test_batches_are_c1_with_exact_placeholders_and_epochs_cover_good_rows(refer
     assert len(batches) == 2 * STEPS
     b = batches[0]
     assert b["input_ids"].shape == (2, cfg.model.lm.seq_length) and b["input_ids"].dtype == torch.long
-    assert b["modality_inputs"]["video"]["clip"]["pixel_values"].shape == (2, 4, 3, 32, 32)
+    # Frames stay decoded uint8 RGB all the way to the encoder, which normalises them on its device.
+    pixels = b["modality_inputs"]["video"]["clip"]["pixel_values"]
+    assert pixels.shape == (2, 4, 32, 32, 3) and pixels.dtype == torch.uint8
     assert b["modality_inputs"]["audio"]["whisper"]["input_features"].shape == (2, 80, 200)
     for batch in batches:
         assert (batch["input_ids"] == 261).sum(1).tolist() == [16, 16]
