@@ -10,23 +10,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 NUM_COLOURS = 4  # red, green, blue, yellow
 NUM_NOTES = 4  # C, F, A, E
-
-
-def _load_make_synthetic():  # noqa: ANN202 - datasets/ is not a package (it would shadow HF `datasets`)
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[1] / "datasets" / "make_synthetic.py"
-    spec = importlib.util.spec_from_file_location("make_synthetic", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["make_synthetic"] = module  # dataclasses look their module up while the file executes
-    spec.loader.exec_module(module)
-    return module.make_synthetic
 
 
 def field_accuracy(preds_path: Path) -> dict[str, float]:
@@ -62,12 +50,14 @@ def main(argv: list[str] | None = None) -> dict:
     args, extra = ap.parse_known_args(argv)
     from mimo_ray.cli import infer as infer_job
     from mimo_ray.cli import train as train_job
+    from mimo_ray.cli.synthetic import load_synthetic_module
 
     out = Path(args.out)
     t0 = time.perf_counter()
     data = out / "data"
     if not (data / "val.jsonl").exists():
-        _load_make_synthetic()(data, args.num_samples, seconds=2.0, fps=8, size=(32, 32), seed=args.seed)
+        make = load_synthetic_module().make_synthetic
+        make(data, args.num_samples, seconds=2.0, fps=8, size=(32, 32), seed=args.seed)
     t_data = time.perf_counter() - t0
     train_job.main(
         [

@@ -62,3 +62,11 @@ def ray_local():
         )
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def synthetic_module():
+    """``datasets/make_synthetic.py`` (loaded by :func:`mimo_ray.cli.synthetic.load_synthetic_module`)."""
+    from mimo_ray.cli.synthetic import load_synthetic_module
+
+    return load_synthetic_module()

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from mimo_ray.cli.synthetic import load_synthetic_module
 from mimo_ray.config import Config
 from mimo_ray.config_cli import config_to_dict, parse_job_args, save_config
 from mimo_ray.perf.report import Table, ratio, write_json
@@ -134,18 +135,6 @@ def _ensure_ray(cfg: Config) -> None:
         ray.init(**cfg.cluster.init_kwargs(), log_to_driver=False)
 
 
-def _load_make_synthetic() -> Any:
-    """``datasets/make_synthetic.py::make_synthetic`` imported by path (``datasets/`` is not a package)."""
-    import importlib.util
-
-    path = ROOT / "datasets" / "make_synthetic.py"
-    spec = importlib.util.spec_from_file_location("mimo_ray_bench_make_synthetic", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module.make_synthetic
-
-
 def _stall_manifest(cfg: Config, ns: Any, workdir: Path) -> str:
     """A synthetic data set (``--stall-size`` clips, 2 s, a tone) big enough that the timed steps stay in one epoch."""
     samples = ns.stall_samples or (ns.warmup + ns.repeats + 2) * cfg.data.global_batch_size
@@ -155,7 +144,7 @@ def _stall_manifest(cfg: Config, ns: Any, workdir: Path) -> str:
     if not manifest.exists() or len(manifest.read_text().splitlines()) != samples:
         start = time.perf_counter()
         size = tuple(int(x) for x in ns.stall_size.lower().split("x"))
-        _load_make_synthetic()(root, samples, seconds=2.0, fps=8, size=size, seed=0, val_fraction=0.0)
+        load_synthetic_module().make_synthetic(root, samples, seconds=2.0, fps=8, size=size, seed=0, val_fraction=0.0)
         print(f"made {samples} synthetic samples under {root} in {time.perf_counter() - start:.1f} s")
     return str(manifest)
 

@@ -66,13 +66,15 @@ class TrainLoop:
         cfg: the resolved config.
         runtime_factory: builds a runtime from the config (``mimo_ray.runtime.build_runtime``).
         on_step_start: optional hook called with the step index before each step (tests inject faults here).
+            It may return a description (or a list of them) of faults it injected; they are listed in the summary
+            (``injected_faults``) next to the failures the driver saw and recovered from.
     """
 
     def __init__(
         self,
         cfg: Config,
         runtime_factory: Callable[[Config], Any],
-        on_step_start: Callable[[int], None] | None = None,
+        on_step_start: Callable[[int], str | list[str] | None] | None = None,
     ) -> None:
         self.cfg = cfg
         self.out = Path(cfg.train.output_dir)
@@ -88,12 +90,13 @@ class TrainLoop:
         self.config_changes: dict[str, tuple[Any, Any]] = {}
         self.failures: list[str] = []
         self.recoveries: list[dict[str, Any]] = []
+        self.injected_faults: list[dict[str, Any]] = []
         self._eval_cache: list[list[Any]] | None = None
         self.metrics = MetricsWriter(self.out)
         self.ledger = SampleLedger(self.out)
 
     @classmethod
-    def build(cls, cfg: Config, on_step_start: Callable[[int], None] | None = None) -> TrainLoop:
+    def build(cls, cfg: Config, on_step_start: Callable[[int], str | list[str] | None] | None = None) -> TrainLoop:
         """A loop over :func:`mimo_ray.runtime.build_runtime`."""
         from mimo_ray.runtime import build_runtime
 
@@ -279,7 +282,7 @@ class TrainLoop:
         cfg = self.cfg
         while self.step < cfg.train.max_steps:
             if self.on_step_start is not None:
-                self.on_step_start(self.step)
+                self.record_faults(self.on_step_start(self.step))
             try:
                 result = self._train_step()
             except Exception as err:  # noqa: BLE001 - classified right below
@@ -318,6 +321,16 @@ class TrainLoop:
                 last_ckpt = saved
         return last_ckpt
 
+    def record_faults(self, what: str | list[str] | None) -> None:
+        """List faults injected from outside (chaos tests, operators) in the summary, at the current step.
+
+        Args:
+            what: a description, a list of them, or ``None`` (nothing injected).
+        """
+        for text in [what] if isinstance(what, str) else what or []:
+            log.warning("fault injected at step %d: %s", self.step, text)
+            self.injected_faults.append({"step": self.step, "fault": text})
+
     def _summary(self, wall_s: float, tokens: int, last_ckpt: Path) -> dict[str, Any]:
         from mimo_ray.observability import read_metrics
 
@@ -332,6 +345,7 @@ class TrainLoop:
             "quarantined": int(getattr(self.data, "quarantined", 0)),
             "failures": self.failures,
             "recoveries": self.recoveries,
+            "injected_faults": self.injected_faults,
             "run_id": self.run_id,
             "resumed_from": str(self.resumed_from) if self.resumed_from else None,
             "config_changes": {k: [old, new] for k, (old, new) in self.config_changes.items()},

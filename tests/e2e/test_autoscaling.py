@@ -10,7 +10,6 @@ One cluster, two jobs:
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 import time
@@ -28,11 +27,7 @@ SCALE_DOWN_TIMEOUT_S = 120
 GPU_POOLS = ("encoder_gpu", "lm_gpu")
 
 
-def _make_data(root: Path) -> Path:
-    spec = importlib.util.spec_from_file_location("make_synthetic_autoscale", ROOT / "datasets" / "make_synthetic.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
+def _make_data(root: Path, module) -> Path:
     module.make_synthetic(root, 16, seconds=2.0, fps=8, size=(32, 32), seed=5, val_fraction=0.0)
     return root / "train.jsonl"
 
@@ -136,10 +131,10 @@ def _final_loss(out: Path) -> float:
 @pytest.mark.cluster
 @pytest.mark.slow
 @pytest.mark.timeout(900)  # idle 2-core box: ~3 min; the bounds inside name what was late
-def test_pools_scale_for_the_job_and_a_lost_lm_node_is_replaced(tmp_path):
+def test_pools_scale_for_the_job_and_a_lost_lm_node_is_replaced(tmp_path, synthetic_module):
     from ray.job_submission import JobStatus, JobSubmissionClient
 
-    data = _make_data(tmp_path / "data")
+    data = _make_data(tmp_path / "data", synthetic_module)
     t_start = time.monotonic()
     with FakeCluster(tmp_path, idle_timeout_minutes=0.1) as cluster:
         t_head = time.monotonic() - t_start

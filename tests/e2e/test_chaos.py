@@ -3,7 +3,6 @@ LM actor, the collate actor and a decode worker, and tears one checkpoint save h
 of an uninterrupted run, train on exactly the same sample ids step by step (none twice, none skipped), and list every
 failure it recovered from in its summary."""
 
-import importlib.util
 import json
 import os
 import random
@@ -24,14 +23,6 @@ from mimo_ray.observability import read_metrics  # noqa: E402
 from mimo_ray.runtime.disaggregated import DisaggregatedRuntime  # noqa: E402
 
 STEPS = 10
-
-
-def _make_synthetic():
-    spec = importlib.util.spec_from_file_location("make_synthetic_chaos", ROOT / "datasets" / "make_synthetic.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["make_synthetic_chaos"] = module
-    spec.loader.exec_module(module)
-    return module.make_synthetic
 
 
 def _cfg(data: Path, out: Path):
@@ -88,9 +79,9 @@ def _kill_process(part: str, what: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def clips(tmp_path_factory, ray_local):
+def clips(tmp_path_factory, ray_local, synthetic_module):
     root = tmp_path_factory.mktemp("chaos")
-    _make_synthetic()(root / "data", 40, seconds=1.0, fps=8, size=(32, 32), seed=5, val_fraction=0.0)
+    synthetic_module.make_synthetic(root / "data", 40, seconds=1.0, fps=8, size=(32, 32), seed=5, val_fraction=0.0)
     return root
 
 
@@ -107,10 +98,10 @@ def test_chaos_run_ends_on_the_straight_loss_with_the_same_samples(clips, monkey
     kills: list[str] = []
     fired: set = set()
 
-    def hook(step: int) -> None:
+    def hook(step: int) -> str | None:
         what = plan.get(step)
         if what is None or what in fired:
-            return
+            return None
         fired.add(what)
         if what in ("encoder", "lm"):
             kills.append(f"{what}: {_kill_stage(what)} at step {step}")
@@ -119,6 +110,7 @@ def test_chaos_run_ends_on_the_straight_loss_with_the_same_samples(clips, monkey
         else:
             # The decode worker: the long-lived child that decodes for a Ray Data task worker (data/isolation.py).
             kills.append(f"decode: {_kill_process('mimo_ray.data.isolation', 'decode worker')} at step {step}")
+        return kills[-1]  # the driver lists it in the summary
 
     save = DisaggregatedRuntime.save_checkpoint
     torn = []
@@ -129,15 +121,21 @@ def test_chaos_run_ends_on_the_straight_loss_with_the_same_samples(clips, monkey
             ray.get([a.save.remote(str(path)) for g in self.encoder_groups for a in g.actors], timeout=120)
             ray.kill(self.lm_group.actors[0], no_restart=True)
             kills.append(f"checkpoint save of step {torn_at} torn after the encoder ranks wrote")
+            loops[0].record_faults(kills[-1])
         return save(self, path)
 
     monkeypatch.setattr(DisaggregatedRuntime, "save_checkpoint", torn_save)
     chaos = clips / "chaos"
+    loops = []
     with TrainLoop.build(_cfg(clips / "data", chaos), on_step_start=hook) as loop:
+        loops.append(loop)
         summary = loop.run()
     print(json.dumps({"kills": kills, "failures": summary["failures"], "recoveries": summary.get("recoveries")}))
 
     assert len(kills) == 5, kills
+    # Every kill is listed in the summary with the step it hit, whether or not it cost a recovery.
+    assert [f["fault"] for f in summary["injected_faults"]] == kills
+    assert sorted(f["step"] for f in summary["injected_faults"] if "torn" not in f["fault"]) == steps
     assert summary["steps"] == STEPS
     # Every failure the driver saw is in the summary, the torn save among them; kills that Ray absorbed by itself
     # (a restarted collate actor, a retried decode task) cost no recovery and must not change anything below.

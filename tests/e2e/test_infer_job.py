@@ -1,7 +1,6 @@
 """The inference job end to end: one row per input id (bad inputs listed with their error), disaggregated == fused,
 --resume skips written ids; every job has --help."""
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -16,18 +15,10 @@ from jobs import infer as infer_job  # noqa: E402
 from jobs import train as train_job  # noqa: E402
 
 
-def _make_synthetic():
-    spec = importlib.util.spec_from_file_location("make_synthetic", ROOT / "datasets" / "make_synthetic.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["make_synthetic"] = module
-    spec.loader.exec_module(module)
-    return module.make_synthetic
-
-
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, ray_local):
+def trained(tmp_path_factory, ray_local, synthetic_module):
     root = tmp_path_factory.mktemp("infer")
-    _make_synthetic()(root / "data", 30, seconds=2.0, fps=8, size=(32, 32), seed=3, val_fraction=0.4)
+    synthetic_module.make_synthetic(root / "data", 30, seconds=2.0, fps=8, size=(32, 32), seed=3, val_fraction=0.4)
     val = root / "data" / "val.jsonl"
     rows = [json.loads(line) for line in val.read_text().splitlines()]
     bad = dict(rows[0], id="bad-missing", video="clips/does-not-exist.mp4")

@@ -7,7 +7,6 @@ peak frequency within ±8 % of the requested note 12/12 (C 260 Hz, F 352, A 444,
 659.3). Disaggregated and fused training give the same losses; both inference runtimes write identical files.
 """
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -45,14 +44,6 @@ STEPS = 1000
 BAND = 0.08  # the four notes are >= 25 % apart, so ±8 % bands do not overlap
 
 
-def _make_synthetic():
-    spec = importlib.util.spec_from_file_location("make_synthetic", ROOT / "datasets" / "make_synthetic.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("make_synthetic", module)  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
 def dominant_colour(image: np.ndarray, palette: dict[str, tuple[int, int, int]]) -> str:
     """Palette colour nearest to the mean of the brightest 10 % of pixels (the drawn shape, not the background)."""
     pixels = image.reshape(-1, 3).astype(float)
@@ -71,9 +62,9 @@ def _rows(path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def tasks(tmp_path_factory):
+def tasks(tmp_path_factory, synthetic_module):
     root = tmp_path_factory.mktemp("out_tasks")
-    syn = _make_synthetic()
+    syn = synthetic_module
     summary = syn.make_synthetic(root / "syn", 1, seconds=0.5, output_tasks=96, val_fraction=0.25)
     return syn, summary
 

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import sys
 from collections.abc import Callable, Sequence
 from fractions import Fraction
 from pathlib import Path
-from types import ModuleType, SimpleNamespace
+from types import SimpleNamespace
 
 import av
 import numpy as np
@@ -128,20 +126,6 @@ def png_file(tmp_path: Path) -> Callable[[np.ndarray], Path]:
         return path
 
     return make
-
-
-@pytest.fixture(scope="session")
-def synthetic_module() -> ModuleType:
-    """``datasets/make_synthetic.py`` imported by path (``datasets/`` is deliberately not a package)."""
-    path = REPO_ROOT / "datasets" / "make_synthetic.py"
-    spec = importlib.util.spec_from_file_location("mimo_ray_datasets_make_synthetic", path)
-    if spec is None or spec.loader is None:
-        raise ImportError(f"cannot load {path}")
-    module = importlib.util.module_from_spec(spec)
-    # dataclasses look the module up in sys.modules while the class body runs.
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="session")
