@@ -203,10 +203,3 @@ def restore_driver_rng(ckpt: Path) -> None:
     """Set the driver's torch RNG to the state the checkpoint recorded."""
     rng = torch.load(ckpt / "driver_rng.pt", weights_only=True)
     torch.set_rng_state(rng["torch_rng"])
-
-
-def read_driver_state(ckpt: Path) -> dict[str, Any]:
-    """The driver state of a complete checkpoint; restores the driver RNG."""
-    state = driver_state(ckpt)
-    restore_driver_rng(ckpt)
-    return state

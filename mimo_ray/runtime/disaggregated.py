@@ -34,7 +34,6 @@ from mimo_ray.stages.decoder import DecoderStage
 from mimo_ray.stages.encoder import EncoderStage
 from mimo_ray.stages.language import LanguageStage
 from mimo_ray.stages.payload import batch_size, pack
-from mimo_ray.stages.streams import random_streams
 
 _GENERATION = itertools.count(1)
 
@@ -285,10 +284,6 @@ class DisaggregatedRuntime:
         streams = check_iterators(iterators, self.cfg.parallel.encoder_dp, picklable=True)
         leader = self.encoder_groups[0]
         self._wait(leader.execute_each_async("set_data_iterator", [(s,) for s in streams]))
-
-    def use_random_data(self) -> None:
-        """Reset every encoder rank to fresh random streams (the default before ``set_data_iterators``)."""
-        self.set_data_iterators(random_streams(self.cfg))
 
     def param_counts(self) -> dict[str, int]:
         """``{"trainable_params", "frozen_params"}`` of the whole model, from every group's DP-rank-0 ranks."""

@@ -212,16 +212,6 @@ def _unplaced_message(specs: list[GroupSpec], unplaced: list[GroupSpec], timeout
     )
 
 
-def wait_for_resources(specs: list[GroupSpec], timeout_s: float, poll_s: float = 1.0) -> None:
-    """Check that the stage groups can be placed (creating their placement groups, so that an autoscaler scales up
-    for them), then release them.
-
-    Raises:
-        InsufficientResourcesError: as :func:`reserve`.
-    """
-    release(reserve(specs, timeout_s, poll_s=poll_s))
-
-
 def release(pgs: dict[str, list[PlacementGroup]]) -> None:
     """Remove every placement group of :func:`reserve`'s result (ignoring ones already gone)."""
     for group in pgs.values():

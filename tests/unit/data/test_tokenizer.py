@@ -13,7 +13,6 @@ from mimo_ray.data.tokenizer import (
     SPECIAL_TOKENS,
     ChatTokenizer,
     TokenizeError,
-    pack_encodings,
 )
 from mimo_ray.model.spec import tokens_per_sample
 
@@ -129,15 +128,3 @@ def test_hf_tokenizer_json(tmp_path):
     assert tok.decode(enc.ids[enc.target]).replace(" ", "") == "redA"
     again = ChatTokenizer.from_dict(json.loads(json.dumps(tok.to_dict())))
     assert np.array_equal(again.encode(conv(QUESTION, "red A")).ids, enc.ids)
-
-
-def test_packing_restarts_positions_and_keeps_labels_inside_samples(tok):
-    encs = [tok.encode(conv("<video>\n<audio>\nQ?", a)) for a in ("red, A", "blue, C", "green, E")]
-    rows = pack_encodings(encs, 2 * encs[0].ids.size + 4, tok.pad_id)
-    assert [r["samples"] for r in rows] == [[0, 1], [2]]
-    row = rows[0]
-    n0 = encs[0].ids.size
-    assert row["position_ids"][n0] == 0 and row["position_ids"][n0 - 1] == n0 - 1
-    eos = SPECIAL_TOKENS["<eos>"]
-    assert row["labels"][row["loss_mask"] == 1].tolist() == list(b"red, A") + [eos] + list(b"blue, C") + [eos]
-    assert row["labels"][n0 - 1] == IGNORE_INDEX  # no target across the boundary

@@ -36,7 +36,7 @@ def test_atomic_commit_latest_and_crash_mid_write(tmp_path):
     found = ckpt.latest(root)
     assert found.name == "step_0000002"
     assert torch.load(found / "part.pt", weights_only=True)["w"].tolist() == [2.0, 2.0]
-    assert ckpt.read_driver_state(found)["step"] == 2
+    assert ckpt.driver_state(found)["step"] == 2
     # A torn pointer (points at a dir without COMPLETE) falls back to the newest complete checkpoint.
     (root / "latest").write_text("step_0000009\n")
     assert ckpt.latest(root).name == "step_0000002"
@@ -59,7 +59,7 @@ def test_driver_rng_round_trip(tmp_path):
     expected = torch.rand(3)
     ckpt.commit(tmp_path, tmp, 1)
     torch.manual_seed(99)
-    ckpt.read_driver_state(ckpt.latest(tmp_path))
+    ckpt.restore_driver_rng(ckpt.latest(tmp_path))
     assert torch.equal(torch.rand(3), expected)
 
 

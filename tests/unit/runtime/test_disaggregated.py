@@ -11,6 +11,7 @@ from mimo_ray.config_cli import load_config
 from mimo_ray.model.inputs import random_batch
 from mimo_ray.runtime import InsufficientResourcesError, build_runtime
 from mimo_ray.stages import ListStream
+from mimo_ray.stages.streams import random_streams
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +61,7 @@ def test_streams_pulled_by_encoder_actors_match_fused(runtimes, small_cfg):
         dis.set_data_iterators([(b for b in batches)])
     with pytest.raises(ValueError, match="parallel.encoder_dp=1"):
         dis.set_data_iterators([batches, batches])
-    dis.use_random_data()
+    dis.set_data_iterators(random_streams(dis.cfg))  # back to the default random streams
     fused.set_data_iterators([iter([])])
 
 

@@ -10,7 +10,6 @@ from mimo_ray.runtime.placement import (
     required_resources,
     reserve,
     shortfall,
-    wait_for_resources,
 )
 from mimo_ray.runtime.transport import ActorLocation, choose_transport
 
@@ -40,7 +39,7 @@ def test_group_specs_shared_and_per_modality():
 def test_resource_check_names_need_and_have(ray_local):
     cfg = load_config("tiny", ["parallel.lm_resources={lm_gpu: 2}", "parallel.lm_tp=2"])
     with pytest.raises(InsufficientResourcesError) as err:
-        wait_for_resources(group_specs(cfg), timeout_s=0.2, poll_s=0.1)
+        reserve(group_specs(cfg), timeout_s=0.2, poll_s=0.1)
     msg = str(err.value)
     assert "needs {CPU: 0.75, lm_gpu: 4}" in msg and "cluster has {CPU: 4, lm_gpu: 0}" in msg
     assert "missing {lm_gpu: 4}" in msg and "lm 2 x {CPU: 0.25, lm_gpu: 2}" in msg
