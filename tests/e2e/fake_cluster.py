@@ -188,6 +188,8 @@ class FakeCluster:
             RAY_CLOUD_INSTANCE_ID=FAKE_HEAD_NODE_ID,
             RAY_OVERRIDE_NODE_ID_FOR_TESTING=FAKE_HEAD_NODE_ID,
             AUTOSCALER_UPDATE_INTERVAL_S="1",
+            # `ray start` gives the dashboard (the job API) 60 s by default; a starved 2-core box can need more.
+            RAY_DASHBOARD_STARTUP_TIMEOUT_S="240",
             AUTOSCALER_HEARTBEAT_TIMEOUT_S=str(self.heartbeat_timeout_s),
             # A killed node is declared dead in a few seconds (defaults: ~15-30 s).
             RAY_health_check_period_ms="1000",
@@ -197,7 +199,22 @@ class FakeCluster:
             env.pop(key, None)
         return env
 
-    def start(self, timeout_s: float = 120) -> None:
+    def start(self, timeout_s: float = 300, attempts: int = 2) -> None:
+        """Start the head (``ray start --head --block`` with the autoscaler) and wait for its job API.
+
+        A head that exits before it answers (on a starved box Ray's own dashboard start-up can fail) is stopped
+        (every process of this cluster) and started once more; the error carries the last attempt's log.
+        """
+        for attempt in range(1, attempts + 1):
+            if self._start_once(timeout_s):
+                return
+            tail = self.log_tail()
+            self.stop()
+            if attempt == attempts:
+                raise RuntimeError(f"fake cluster head did not come up ({attempts} attempts): {tail}")
+            time.sleep(5)
+
+    def _start_once(self, timeout_s: float) -> bool:
         ports = {
             "--port": self.gcs_port,
             "--dashboard-port": self.dash_port,
@@ -219,10 +236,10 @@ class FakeCluster:
         while True:
             try:
                 with urllib.request.urlopen(self.address + "/api/version", timeout=2):
-                    return
+                    return True
             except OSError:
                 if self.head.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"fake cluster head did not come up: {self.log_tail()}") from None
+                    return False
                 time.sleep(1)
 
     def log_tail(self, chars: int = 3000) -> str:

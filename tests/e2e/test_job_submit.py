@@ -20,7 +20,8 @@ BIN = Path(sys.executable).parent
 def _env():
     env = dict(os.environ)
     env["PATH"] = f"{BIN}{os.pathsep}{env['PATH']}"  # the job's `python` is the one on the head's PATH
-    env.update(RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled")
+    # `ray start` gives the dashboard (the job API) 60 s by default; a starved 2-core box can need more.
+    env.update(RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled", RAY_DASHBOARD_STARTUP_TIMEOUT_S="240")
     env.pop("RAY_ADDRESS", None)
     return env
 
