@@ -117,6 +117,7 @@ def test_bad_flag_and_missing_path_fail_before_actors(tmp_path, capsys):
 def test_fresh_run_over_another_runs_checkpoints_fails_before_ray(tmp_path, monkeypatch):
     import ray
 
+    from mimo_ray.cli import train as train_cli
     from mimo_ray.config_cli import config_to_dict
 
     old = tmp_path / "checkpoints" / "step_0000800"
@@ -129,7 +130,7 @@ def test_fresh_run_over_another_runs_checkpoints_fails_before_ray(tmp_path, monk
         raise AssertionError("Ray or an actor group was started")
 
     monkeypatch.setattr(ray, "init", forbidden)
-    monkeypatch.setattr(train_job, "ensure_ray", forbidden)
+    monkeypatch.setattr(train_cli, "ensure_ray", forbidden)  # jobs/train.py runs mimo_ray.cli.train.main
     monkeypatch.setattr(TrainLoop, "build", forbidden)
     with pytest.raises(SystemExit) as err:
         train_job.main(["--preset", "tiny", "--output-dir", str(tmp_path), "--max-steps", "2"])
