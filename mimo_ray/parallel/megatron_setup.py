@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import socket
 from collections.abc import Iterator
 
@@ -32,11 +33,47 @@ PATCHED_INTERNALS: tuple[tuple[str, str], ...] = (
 _CPU_COMPAT_APPLIED = False
 
 
-def free_port() -> int:
-    """An unused TCP port on localhost (for a torch.distributed rendezvous)."""
+#: Rendezvous ports are drawn above Ray's worker ports (10002-19999 by default) and below the kernel's ephemeral range.
+_PORT_FLOOR = 20000
+
+
+def _ephemeral_floor() -> int:
+    """First port of the kernel's ephemeral range (outgoing connections take their local ports from it)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def _bindable(port: int) -> int | None:
+    """``port`` (0: any) if it can be bound on every local address now, else ``None``."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
+        try:
+            sock.bind(("", port))
+        except OSError:
+            return None
         return sock.getsockname()[1]
+
+
+def free_port() -> int:
+    """A TCP port for a torch.distributed rendezvous (rank 0's TCPStore), free on every local address.
+
+    The port is checked on all addresses (the store listens on all of them; a port free on 127.0.0.1 may be taken on
+    the node's IP) and drawn outside the kernel's ephemeral range and Ray's worker ports, so that the outgoing
+    connections of a busy node cannot take it between this check and the store's bind. A kernel-chosen port is the
+    fallback when that window has no free port.
+    """
+    ceiling = _ephemeral_floor()
+    draw = random.SystemRandom()
+    for _ in range(64 if ceiling > _PORT_FLOOR else 0):
+        port = _bindable(draw.randrange(_PORT_FLOOR, ceiling))
+        if port is not None:
+            return port
+    port = _bindable(0)
+    if port is None:
+        raise OSError("no free TCP port for the torch.distributed rendezvous")
+    return port
 
 
 def _cpu_causal_mask(sq: int) -> torch.Tensor:

@@ -43,3 +43,21 @@ def test_world_size_must_divide_tp():
 
     with pytest.raises(ValueError, match="world_size=3 is not a multiple of tensor-parallel size tp=2"):
         megatron_setup.init_megatron(world_size=3, tp=2)
+
+
+def test_free_port_is_free_on_every_address_and_outside_the_ephemeral_range(monkeypatch):
+    import socket
+
+    floor = megatron_setup._ephemeral_floor()
+    ports = {megatron_setup.free_port() for _ in range(20)}
+    assert all(20000 <= p < floor for p in ports), ports
+    for port in list(ports)[:5]:  # bindable on all addresses, as the TCPStore binds it
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("", port))
+    # A port held on some address is never handed out.
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as held:
+        held.bind(("127.0.0.1", 0))
+        assert megatron_setup._bindable(held.getsockname()[1]) is None
+    # No room below the ephemeral range: the kernel picks.
+    monkeypatch.setattr(megatron_setup, "_ephemeral_floor", lambda: 20000)
+    assert megatron_setup.free_port() > 0
