@@ -13,3 +13,19 @@ for _pattern in (
     _warnings.filterwarnings("ignore", message=_pattern)
 
 __version__ = "0.1.0"
+
+#: The public API (DESIGN.md C13), defined in :mod:`mimo_ray.api` and loaded on first use, so that Ray workers
+#: importing internal modules never pay for it. Everything not listed here is internal and may change.
+__all__ = ["Config", "Trainer", "build_mimo_config", "encode_conversation", "generate", "generate_ids", "load_config"]
+
+
+def __getattr__(name: str):  # noqa: ANN202 - PEP 562 lazy export
+    if name in __all__:
+        import importlib
+
+        return getattr(importlib.import_module("mimo_ray.api"), name)
+    raise AttributeError(f"module 'mimo_ray' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

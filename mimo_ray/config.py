@@ -11,10 +11,15 @@ value is checked where it is defined. Reading YAML presets, overrides and job fl
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
+#: The modalities our config tree builds specs for (``model.vision`` / ``model.audio``). Any other name is a user
+#: modality: its ``ModalitySubmodules`` spec comes from the user (``mimo_ray.build_mimo_config`` + their entries,
+#: or ``model.spec_factory``), its placeholder id from ``model.special_token_ids``.
 MODALITIES = ("video", "audio", "images")
+_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 #: The byte tokenizer's special tokens (ids 256…265); a Hugging Face tokenizer gets the same names. The default
 #: ``model.special_token_ids`` and ``model.outputs.<name>.token_id`` are derived from this table.
 SPECIAL_TOKENS: dict[str, int] = {
@@ -344,16 +349,41 @@ class ModelConfig:
     freeze: list[str] = field(default_factory=list)
     # Where the weights came from (jobs/convert.py import): {"lm" | "vision" | "audio": local Hugging Face dir}.
     pretrained: dict[str, str] = field(default_factory=dict)
+    # "package.module:function" returning the run's Megatron MimoModelConfig from the Config (user ModuleSpecs);
+    # recorded with every checkpoint so resume, recovery and inference rebuild the same model. None: our specs.
+    spec_factory: str | None = None
+    # Embedding rows one item of a user modality yields (our modalities derive theirs from model.vision/audio); the
+    # tokenizer expands the modality's tag to this many placeholder tokens.
+    modality_tokens: dict[str, int] = field(default_factory=dict)
+    # Tag of a user modality in a human turn (default "<name>"); ours are <video>, <audio>, <image>.
+    modality_tags: dict[str, str] = field(default_factory=dict)
+
+    def tag(self, modality: str) -> str:
+        """The tag that stands for one item of ``modality`` in a human turn (``<video>``, ``<depth>``, ...)."""
+        return MODALITY_TAGS.get(modality) or self.modality_tags.get(modality) or f"<{modality}>"
 
     def __post_init__(self) -> None:
         _check_choice("model.attention_backend", self.attention_backend, ("sdpa", "local", "te"))
         for part in self.freeze:
-            _check_choice("model.freeze[]", part, FREEZABLE)
+            _check_choice("model.freeze[]", part, (*FREEZABLE, *(m for m in self.modalities if m not in MODALITIES)))
+        if self.spec_factory is not None and ":" not in self.spec_factory:
+            raise ValueError(
+                f"model.spec_factory={self.spec_factory!r} must be 'package.module:function' (a function of the Config "
+                "returning a megatron.core.models.mimo.MimoModelConfig)"
+            )
+        for name, count in self.modality_tokens.items():
+            if not isinstance(count, int) or count <= 0:
+                raise ValueError(f"model.modality_tokens.{name}={count!r} must be a positive int")
         for part in self.pretrained:
             _check_choice("model.pretrained key", part, ("lm", "vision", "audio"))
         _check_choice("model.params_dtype", self.params_dtype, ("fp32", "bf16", "fp16"))
+        if len(set(self.modalities)) != len(self.modalities):
+            raise ValueError(f"model.modalities={self.modalities} names a modality twice")
         for mod in self.modalities:
-            _check_choice("model.modalities[]", mod, MODALITIES)
+            if not isinstance(mod, str) or not _NAME_RE.match(mod) or mod == "text":
+                raise ValueError(
+                    f"model.modalities[]={mod!r} is not allowed; a modality name is an identifier other than 'text'"
+                )
             if mod not in self.special_token_ids:
                 raise ValueError(f"model.special_token_ids has no id for modality {mod!r}")
             tok = self.special_token_ids[mod]

@@ -214,6 +214,21 @@ def load_config(preset_or_path: str = "tiny", overrides: list[str] | None = None
     return _build(Config, tree)
 
 
+def read_config_tree(preset_or_path: str) -> dict[str, Any]:
+    """The raw tree of a preset or YAML file (``base:`` chains merged), before overrides and validation."""
+    return _read_yaml(preset_or_path)
+
+
+def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set ``a.b.c`` in a raw tree (sections created as needed; unknown keys fail in :func:`build_config`)."""
+    _set_dotted(tree, dotted, value)
+
+
+def build_config(tree: dict[str, Any]) -> Config:
+    """Coerce and validate a raw tree into a :class:`Config` (errors name the key at fault)."""
+    return _build(Config, tree)
+
+
 def config_to_dict(cfg: Any) -> dict[str, Any]:
     """Plain nested dict of a config (for YAML, JSON and checkpoints)."""
     return dataclasses.asdict(cfg)

@@ -216,6 +216,8 @@ class ChatTokenizer:
         placeholders: ``{modality: (special token id, tokens per sample)}`` for the model's input modalities.
         seq_length: the LM's sequence length; longer encodings raise ``TokenizeError("text")``.
         chat_template: per-turn template with ``{human}`` and ``{answer}`` and special-token names.
+        tags: ``{modality: tag}`` of user modalities (``<depth>``); ours are ``<video>``, ``<audio>``, ``<image>``.
+            A user tag in a human turn expands to its placeholders without being a token of the text tokenizer.
 
     Raises:
         ValueError: a malformed template, or a special-token name the tokenizer does not have.
@@ -227,9 +229,13 @@ class ChatTokenizer:
         placeholders: dict[str, tuple[int, int]],
         seq_length: int,
         chat_template: str = DEFAULT_CHAT_TEMPLATE,
+        tags: dict[str, str] | None = None,
     ) -> None:
         self.text = text
         self.placeholders = {m: (int(t), int(n)) for m, (t, n) in placeholders.items()}
+        self.user_tags = {m: t for m, t in (tags or {}).items() if m not in MODALITY_TAGS}
+        self._tag_modalities = {**TAG_MODALITIES, **{t: m for m, t in self.user_tags.items()}}
+        self._tag_re = re.compile("|".join(re.escape(t) for t in self._tag_modalities))
         self.seq_length = int(seq_length)
         self.chat_template = chat_template
         self.pad_id = text.special_tokens["<pad>"]
@@ -251,7 +257,20 @@ class ChatTokenizer:
 
         text = text_tokenizer(cfg.data.tokenizer)
         placeholders = {}
+        tags = {}
         for mod in cfg.model.modalities:
+            if mod not in MODALITY_TAGS:  # a user modality: its tag expands in the human text, its id is the config's
+                have = cfg.model.special_token_ids[mod]
+                if have < text.vocab_size:
+                    raise ValueError(
+                        f"model.special_token_ids.{mod}={have} is an id of tokenizer {cfg.data.tokenizer!r} (it uses "
+                        f"0..{text.vocab_size - 1}); give the user modality an id in [{text.vocab_size}, "
+                        f"model.lm.vocab_size={cfg.model.lm.vocab_size})"
+                    )
+                placeholders[mod] = (have, tokens_per_sample(cfg, mod)) if mod in cfg.model.modality_tokens else (
+                    have, 0)
+                tags[mod] = cfg.model.tag(mod)
+                continue
             want = text.special_tokens[MODALITY_TAGS[mod]]
             have = cfg.model.special_token_ids[mod]
             if have != want:
@@ -265,11 +284,12 @@ class ChatTokenizer:
                 f"model.lm.vocab_size={cfg.model.lm.vocab_size} is smaller than the {text.vocab_size} ids of "
                 f"tokenizer {cfg.data.tokenizer!r}"
             )
-        return cls(text, placeholders, cfg.model.lm.seq_length, resolve_template(cfg.data.chat_template))
+        return cls(text, placeholders, cfg.model.lm.seq_length, resolve_template(cfg.data.chat_template), tags)
 
     def with_template(self, chat_template: str | None) -> ChatTokenizer:
         """The same tokenizer with another template (a ``data.chat_template`` value: text, file, ``none``)."""
-        return ChatTokenizer(self.text, self.placeholders, self.seq_length, resolve_template(chat_template))
+        return ChatTokenizer(self.text, self.placeholders, self.seq_length, resolve_template(chat_template),
+                             self.user_tags)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able state: text tokenizer, chat template, special-token ids, placeholder counts, seq_length."""
@@ -280,6 +300,7 @@ class ChatTokenizer:
             "chat_template": self.chat_template,
             "placeholders": {m: list(v) for m, v in self.placeholders.items()},
             "seq_length": self.seq_length,
+            "tags": dict(self.user_tags),
         }
 
     @classmethod
@@ -288,7 +309,7 @@ class ChatTokenizer:
             raise ValueError(f"not a saved ChatTokenizer (format={data.get('format')!r}, expected {FORMAT!r})")
         placeholders = {m: (int(v[0]), int(v[1])) for m, v in data["placeholders"].items()}
         text = _text_tokenizer_from_dict(data["text_tokenizer"])
-        return cls(text, placeholders, int(data["seq_length"]), data["chat_template"])
+        return cls(text, placeholders, int(data["seq_length"]), data["chat_template"], data.get("tags") or {})
 
     def _parse_template(self, template: str) -> list[tuple[str, Any]]:
         """Template → ``[("special", id) | ("text", str) | ("human", None) | ("answer", None)]``."""
@@ -403,20 +424,24 @@ class ChatTokenizer:
     def _encode_human(self, text: str) -> list[int]:
         ids: list[int] = []
         pos = 0
-        for match in _TAG_RE.finditer(text):
+        for match in self._tag_re.finditer(text):
             ids += self.text.encode_text(text[pos : match.start()])
-            mod = TAG_MODALITIES[match.group()]
+            mod = self._tag_modalities[match.group()]
             if mod not in self.placeholders:
                 raise TokenizeError(
                     "tags", f"{match.group()} tag but the model's modalities are {sorted(self.placeholders)}"
                 )
             token, count = self.placeholders[mod]
+            if not count:
+                raise TokenizeError(
+                    "tags", f"{match.group()}: set model.modality_tokens.{mod} (embedding rows per item)"
+                )
             ids += [token] * count
             pos = match.end()
         return ids + self.text.encode_text(text[pos:])
 
     def _encode_answer(self, text: str) -> list[int]:
-        if _TAG_RE.search(text):
+        if self._tag_re.search(text):
             raise TokenizeError("tags", f"a gpt answer contains a modality tag: {text!r:.80}")
         return self.text.encode_text(text)
 

@@ -40,6 +40,29 @@ def config_for_checkpoint(cli: Config, ckpt: Path) -> Config:
                                data=data)
 
 
+def spec_for_checkpoint(cfg: Config, state: dict[str, Any], mimo_config: Any = None) -> Any:
+    """The ``MimoModelConfig`` to rebuild a checkpoint's model from: ``mimo_config`` when given, else the run's
+    ``model.spec_factory`` or our specs (``None``: the stages build them from ``cfg``).
+
+    Raises:
+        ValueError: the run was trained from a ``MimoModelConfig`` object (no factory recorded) and none is given.
+    """
+    if mimo_config is not None:
+        from mimo_ray.model.spec_source import config_for_spec
+
+        config_for_spec(cfg, mimo_config)  # validates its modalities and token ids
+        return mimo_config
+    record = state.get("spec") or {}
+    if record.get("source") == "object" and not cfg.model.spec_factory:
+        mods = sorted((record.get("structure") or {}).get("modalities", {}))
+        raise ValueError(
+            f"this checkpoint was trained from a user MimoModelConfig object (modalities {mods}) and records no "
+            "model.spec_factory: pass the same spec as mimo_config= (mimo_ray.generate / Trainer), or train with "
+            "mimo_config='package.module:function' so the run records how to rebuild it"
+        )
+    return None
+
+
 def read_done(output: Path) -> set[str]:
     """Ids already written to ``output`` (for ``--resume``); a torn last line is dropped."""
     if not output.exists():
@@ -97,7 +120,7 @@ def write_prompt_manifest(prompts: list[str], media: dict[str, str], path: Path,
 
 def run_inference(
     cli: Config, ckpt: str, data_path: str, output: str, resume: bool = False, use_cache: bool = True,
-    chat_template: str | None = None,
+    chat_template: str | None = None, spec: Any = None,
 ) -> dict[str, Any]:
     """Generate for every row of ``data_path`` and write ``output`` JSONL.
 
@@ -111,6 +134,7 @@ def run_inference(
         resume: skip ids already in ``output``.
         use_cache: KV-cache generation (``False``: re-run the whole prefix per token, the naive baseline).
         chat_template: replaces the checkpoint's template (a ``data.chat_template`` value; ``none``: raw text).
+        spec: the ``MimoModelConfig`` of a run trained from a user spec object (see :func:`spec_for_checkpoint`).
 
     Returns:
         Summary: counts, samples/s, tokens/s, accuracy when answers are known.
@@ -131,7 +155,8 @@ def run_inference(
     done = read_done(out) if resume else set()
     if not resume and out.exists():
         out.unlink()
-    runtime = build_infer_runtime(cfg, str(step_dir))
+    spec = spec_for_checkpoint(cfg, state, spec)
+    runtime = build_infer_runtime(cfg, str(step_dir), spec)
     from mimo_ray.data.output_source import is_output_manifest
 
     if is_output_manifest(data_path):

@@ -68,6 +68,11 @@ class TrainLoop:
         on_step_start: optional hook called with the step index before each step (tests inject faults here).
             It may return a description (or a list of them) of faults it injected; they are listed in the summary
             (``injected_faults``) next to the failures the driver saw and recovered from.
+        data_factory: builds a split's data source, ``(cfg, split, start_sample, data_state) -> source``
+            (default :func:`~mimo_ray.driver.data_sources.build_data_source`); a source with ``driver_fed = True``
+            hands its micro-batches to the runtime from the driver in both runtimes.
+        spec_record: what every checkpoint records about the model's spec (``driver.json`` ``"spec"``: where it
+            came from and its structure), so inference and resume can rebuild or refuse it.
     """
 
     def __init__(
@@ -75,8 +80,12 @@ class TrainLoop:
         cfg: Config,
         runtime_factory: Callable[[Config], Any],
         on_step_start: Callable[[int], str | list[str] | None] | None = None,
+        data_factory: Callable[..., Any] | None = None,
+        spec_record: dict[str, Any] | None = None,
     ) -> None:
         self.cfg = cfg
+        self.data_factory = data_factory or build_data_source
+        self.spec_record = spec_record
         self.out = Path(cfg.train.output_dir)
         self.ckpt_dir = self.out / "checkpoints"
         self.runtime_factory = runtime_factory
@@ -158,8 +167,8 @@ class TrainLoop:
             # Decode the val batches before the train streams hold the decode workers: a second Ray Data
             # pipeline started later would wait for CPUs the first one keeps (a silent starvation, NOTES §3).
             self._eval_batches()
-        self.data = build_data_source(self.cfg, "train", start_sample=self.samples, data_state=data_state)
-        if self.cfg.train.runtime == "disaggregated":
+        self.data = self.data_factory(self.cfg, "train", start_sample=self.samples, data_state=data_state)
+        if self.cfg.train.runtime == "disaggregated" and not getattr(self.data, "driver_fed", False):
             self.runtime.set_data_iterators(self.data.rank_streams(self.cfg.parallel.encoder_dp))
         return found
 
@@ -202,6 +211,8 @@ class TrainLoop:
             "config": config_to_dict(self.cfg),
         }
         state.update(checkpoint_extras(self.cfg, self.data))
+        if self.spec_record is not None:
+            state["spec"] = self.spec_record
         ckpt.write_driver_state(tmp, state)
         save_config(self.cfg, tmp / "config.yaml")
         return ckpt.commit(self.ckpt_dir, tmp, self.step, keep=self.cfg.train.keep_checkpoints, run_id=self.run_id)
@@ -209,7 +220,7 @@ class TrainLoop:
     # ---------------------------------------------------------------- the loop
     def _train_step(self) -> dict[str, Any]:
         lr = lr_at(self.cfg.train, self.step)
-        if self.cfg.train.runtime == "fused":
+        if self.cfg.train.runtime == "fused" or getattr(self.data, "driver_fed", False):
             result = self.runtime.train_step(self.data.next_step(), lr)
         else:
             result = self.runtime.train_step(None, lr)
@@ -219,7 +230,7 @@ class TrainLoop:
     def _eval_batches(self) -> list[list[Any]]:
         """The val split's first ``train.eval_batches`` global batches, decoded once and reused by every eval."""
         if self._eval_cache is None:
-            source = build_data_source(self.cfg, "val", start_sample=0)
+            source = self.data_factory(self.cfg, "val", start_sample=0)
             try:
                 self._eval_cache = []
                 for _ in range(self.cfg.train.eval_batches):

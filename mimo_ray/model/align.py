@@ -38,9 +38,11 @@ def align_embeddings(
         count = int(mask.sum())
         if name not in modality_embeddings:
             if count:
+                samples = [b for b, c in enumerate(mask.sum(dim=1).tolist()) if c]
                 raise ValueError(
                     f"input_ids contain {count} {name!r} placeholder tokens (id {token_id}) but no {name!r} "
-                    f"embeddings were given"
+                    f"embeddings were given (samples {samples} hold them; the batch has no "
+                    f"modality_inputs[{name!r}])"
                 )
             continue
         masks[name] = mask
@@ -53,8 +55,29 @@ def align_embeddings(
         rows = modality_embeddings[name]
         count = int(mask.sum())
         if count != rows.shape[0]:
-            raise ValueError(
-                f"modality {name!r}: {count} placeholder tokens in input_ids but {rows.shape[0]} embedding rows"
-            )
+            raise ValueError(count_mismatch(name, mask.sum(dim=1).tolist(), rows.shape[0]))
         combined = combined.masked_scatter(mask.unsqueeze(-1), rows.to(combined.dtype))
     return combined.transpose(0, 1).contiguous()
+
+
+def count_mismatch(name: str, counts: list[int], rows: int) -> str:
+    """The error for a modality whose embedding rows differ from its placeholder tokens, naming the samples at fault.
+
+    Args:
+        name: the modality.
+        counts: placeholder tokens of ``name`` in each sample.
+        rows: embedding rows the encoder (+ projection) produced for the whole batch.
+
+    Returns:
+        ``modality 'x': N placeholder tokens in input_ids but M embedding rows; ...`` with, when the rows divide
+        evenly over the samples that hold placeholders, the samples whose count differs from that share.
+    """
+    total = sum(counts)
+    text = f"modality {name!r}: {total} placeholder tokens in input_ids but {rows} embedding rows"
+    holders = [b for b, c in enumerate(counts) if c]
+    per = rows // len(holders) if holders and rows % len(holders) == 0 else None
+    if per is not None:
+        bad = [f"sample {b} has {counts[b]}" for b in holders if counts[b] != per]
+        if bad:
+            text += f" ({per} rows per sample from the encoder; {', '.join(bad)} placeholders)"
+    return text + f"; placeholders per sample {counts}"

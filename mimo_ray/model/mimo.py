@@ -7,6 +7,7 @@ fused model has, on any device and any TP size (Megatron's CPU initialisation sl
 
 from __future__ import annotations
 
+import inspect
 import warnings
 import zlib
 from typing import Any
@@ -45,21 +46,81 @@ def build_part(spec: ModuleSpec, seed: int, part: str) -> torch.nn.Module:
         return build_module(spec)
 
 
+def _required_kwargs(module: torch.nn.Module) -> list[str]:
+    """Parameters of ``module.forward`` without a default (what an encoder cannot run without)."""
+    try:
+        params = inspect.signature(module.forward).parameters.values()
+    except (TypeError, ValueError):
+        return []
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return [p.name for p in params if p.kind in kinds and p.default is inspect.Parameter.empty]
+
+
+def check_encoder_inputs(name: str, submodule: torch.nn.Module, inputs: Any) -> None:
+    """Raise before running a modality whose inputs miss an encoder or one of its arguments.
+
+    Args:
+        name: the modality.
+        submodule: its ``ModalitySubmodules`` (its ``encoders`` ModuleDict is checked when it has one).
+        inputs: ``modality_inputs[name]`` = ``{encoder_name: {kwarg: tensor}}``.
+
+    Raises:
+        ValueError: naming the modality, the encoder and the missing kwarg (and what was given).
+    """
+    if not isinstance(inputs, dict):
+        raise ValueError(f"modality_inputs[{name!r}] must be {{encoder name: {{kwarg: tensor}}}}, got {type(inputs)}")
+    encoders = getattr(submodule, "encoders", None)
+    if not isinstance(encoders, torch.nn.ModuleDict):
+        return
+    for enc_name, encoder in encoders.items():
+        if enc_name not in inputs:
+            raise ValueError(
+                f"modality {name!r}: no inputs for encoder {enc_name!r} (modality_inputs[{name!r}] has "
+                f"{sorted(inputs)})"
+            )
+        given = inputs[enc_name]
+        if not isinstance(given, dict):
+            raise ValueError(f"modality {name!r}, encoder {enc_name!r}: inputs must be {{kwarg: tensor}}")
+        missing = [k for k in _required_kwargs(encoder) if k not in given]
+        if missing:
+            raise ValueError(
+                f"modality {name!r}, encoder {enc_name!r}: missing input {missing[0]!r} "
+                f"(modality_inputs[{name!r}][{enc_name!r}] has {sorted(given)})"
+            )
+    extra = [k for k in inputs if k not in encoders]
+    if extra:
+        raise ValueError(f"modality {name!r}: inputs for unknown encoders {extra} (the spec has {list(encoders)})")
+
+
 def encode_modalities(
-    submodules: torch.nn.ModuleDict, modality_inputs: dict[str, dict[str, dict[str, Any]]] | None
+    submodules: torch.nn.ModuleDict,
+    modality_inputs: dict[str, dict[str, dict[str, Any]]] | None,
+    known: list[str] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Run every modality submodule that has inputs.
 
     Args:
         submodules: ``{modality: ModalitySubmodules}``.
         modality_inputs: ``{modality: {encoder_name: {kwarg: tensor}}}`` (C1).
+        known: every modality of the model (``None``: those of ``submodules``); inputs of any other raise.
 
     Returns:
         ``{modality: [N_tokens, H_lm]}`` projected embeddings, batch-major rows.
+
+    Raises:
+        ValueError: inputs for a modality the model lacks, or for a missing encoder or argument (naming them).
     """
+    known_names = list(submodules) if known is None else list(known)
+    unknown = [m for m in (modality_inputs or {}) if m not in known_names and modality_inputs[m] is not None]
+    if unknown:
+        raise ValueError(
+            f"the batch has modality_inputs for {unknown}, which the model's modality_submodules_spec lacks "
+            f"(it has {known_names})"
+        )
     out: dict[str, torch.Tensor] = {}
     for name, submodule in submodules.items():
         if modality_inputs and modality_inputs.get(name) is not None:
+            check_encoder_inputs(name, submodule, modality_inputs[name])
             emb = submodule(encoder_inputs=modality_inputs[name])
             if emb is not None:
                 out[name] = emb
@@ -105,7 +166,7 @@ class MimoRayModel(MimoModel):
 
     def encode(self, modality_inputs: dict[str, dict[str, dict[str, Any]]] | None) -> dict[str, torch.Tensor]:
         """Encoder half: ``{modality: [N_tokens, H_lm]}``."""
-        return encode_modalities(self.modality_submodules, modality_inputs)
+        return encode_modalities(self.modality_submodules, modality_inputs, known=list(self.special_token_ids))
 
     def forward_lm(
         self,

@@ -37,7 +37,7 @@ def tokens_per_sample(cfg: Config | ModelConfig, modality: str) -> int:
         (``tokens_per_frame``, plus one when the class token is kept), ``audio_seq_len`` for audio.
 
     Raises:
-        ValueError: for an unknown modality.
+        ValueError: a user modality without ``model.modality_tokens.<name>``.
     """
     model = cfg.model if isinstance(cfg, Config) else cfg
     if modality == "video":
@@ -46,7 +46,12 @@ def tokens_per_sample(cfg: Config | ModelConfig, modality: str) -> int:
         return model.vision.tokens_out_per_frame
     if modality == "audio":
         return model.audio.audio_seq_len
-    raise ValueError(f"unknown modality {modality!r}; known: video, images, audio")
+    if modality in model.modality_tokens:
+        return model.modality_tokens[modality]
+    raise ValueError(
+        f"modality {modality!r} is a user modality: set model.modality_tokens.{modality} to the embedding rows one "
+        f"item of it yields (the tag {model.tag(modality)} expands to that many placeholder tokens)"
+    )
 
 
 def input_shape(cfg: Config | ModelConfig, modality: str) -> tuple[int, ...]:
@@ -64,7 +69,7 @@ def input_shape(cfg: Config | ModelConfig, modality: str) -> tuple[int, ...]:
     if modality == "audio":
         bins = a.n_mels if a.backbone_type == "whisper" else a.fbank_bins
         return (bins, a.num_input_frames)
-    raise ValueError(f"unknown modality {modality!r}; known: video, images, audio")
+    raise ValueError(f"modality {modality!r} is a user modality: mimo_ray knows no input shape for it")
 
 
 def _projector_spec(model: ModelConfig, input_size: int, projector_type: str, ffn: int | None) -> ModuleSpec:
@@ -152,7 +157,11 @@ def modality_spec(model: ModelConfig, modality: str) -> ModuleSpec:
                 ],
             },
         )
-    raise ValueError(f"unknown modality {modality!r}; known: video, images, audio")
+    raise ValueError(
+        f"model.modalities names {modality!r}, for which mimo_ray builds no spec: add "
+        f"modality_submodules_spec[{modality!r}] to the MimoModelConfig you pass as mimo_config=, or set "
+        "model.spec_factory (mimo_ray.build_mimo_config builds our modalities video, audio, images)"
+    )
 
 
 def language_model_spec(model: ModelConfig, lm_tp: int = 1) -> ModuleSpec:

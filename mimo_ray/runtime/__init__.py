@@ -14,6 +14,8 @@ the whole global batch; ``grad_norm`` is the pre-clip global norm over every gro
 
 from __future__ import annotations
 
+from typing import Any
+
 from mimo_ray.config import Config
 from mimo_ray.runtime.base import Batch, TrainRuntime
 from mimo_ray.runtime.placement import InsufficientResourcesError
@@ -21,8 +23,9 @@ from mimo_ray.runtime.placement import InsufficientResourcesError
 __all__ = ["Batch", "InsufficientResourcesError", "TrainRuntime", "build_runtime"]
 
 
-def build_runtime(cfg: Config) -> TrainRuntime:
-    """Build the runtime ``cfg.train.runtime`` names.
+def build_runtime(cfg: Config, spec: Any = None) -> TrainRuntime:
+    """Build the runtime ``cfg.train.runtime`` names, over ``spec`` (the run's ``MimoModelConfig``; ``None``: built
+    from ``cfg``).
 
     ``disaggregated`` creates the actor groups on the running Ray instance (``ray.init(**cfg.cluster.init_kwargs())``
     when none is running); ``fused`` initialises Megatron (world of 1) in this process.
@@ -34,7 +37,7 @@ def build_runtime(cfg: Config) -> TrainRuntime:
     if cfg.train.runtime == "fused":
         from mimo_ray.runtime.fused import FusedRuntime
 
-        return FusedRuntime(cfg)
+        return FusedRuntime(cfg, spec)
     if cfg.train.runtime == "disaggregated":
         import ray
 
@@ -42,5 +45,5 @@ def build_runtime(cfg: Config) -> TrainRuntime:
 
         if not ray.is_initialized():
             ray.init(**cfg.cluster.init_kwargs())
-        return DisaggregatedRuntime(cfg)
+        return DisaggregatedRuntime(cfg, spec)
     raise ValueError(f"train.runtime={cfg.train.runtime!r} is not allowed; choose one of fused, disaggregated")

@@ -38,9 +38,10 @@ from mimo_ray.stages.payload import batch_size, pack
 _GENERATION = itertools.count(1)
 
 
-def _encoder_kwargs(cfg: Config, spec: GroupSpec, leader: bool, rank: int) -> dict[str, Any]:
+def _encoder_kwargs(cfg: Config, model_spec: Any, spec: GroupSpec, leader: bool, rank: int) -> dict[str, Any]:
     return {
         "cfg": cfg,
+        "spec": model_spec,
         "modalities": list(spec.modalities),
         "rank": rank,
         "world_size": spec.num_actors,
@@ -49,8 +50,11 @@ def _encoder_kwargs(cfg: Config, spec: GroupSpec, leader: bool, rank: int) -> di
     }
 
 
-def _stage_kwargs(cfg: Config, spec: GroupSpec, rank: int) -> dict[str, Any]:
-    return {"cfg": cfg, "rank": rank, "world_size": spec.num_actors, "role": spec.name}
+def _stage_kwargs(cfg: Config, spec: GroupSpec, rank: int, model_spec: Any = None) -> dict[str, Any]:
+    kwargs = {"cfg": cfg, "rank": rank, "world_size": spec.num_actors, "role": spec.name}
+    if model_spec is not None:
+        kwargs["spec"] = model_spec
+    return kwargs
 
 
 class DisaggregatedRuntime:
@@ -58,15 +62,18 @@ class DisaggregatedRuntime:
 
     Args:
         cfg: the config; ``cfg.parallel`` sets the groups, placement and transport.
+        spec: the run's ``MimoModelConfig`` (``None``: built from ``cfg`` in every actor). A user's spec travels to
+            the actors pickled (classes defined in the driver's ``__main__`` by value); each group builds its part.
 
     Raises:
         InsufficientResourcesError: the cluster cannot host the groups within ``parallel.placement_timeout_s``.
         ValueError: an impossible parallel layout or transport (naming the field).
     """
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, spec: Any = None):
         par = cfg.parallel
         self.cfg = cfg
+        self.spec = spec
         self.timeout_s = cfg.train.step_timeout_s
         self.lm_micro_batch = par.lm_micro_batch_size or cfg.data.micro_batch_size
         if cfg.data.global_batch_size % self.lm_micro_batch:
@@ -100,9 +107,11 @@ class DisaggregatedRuntime:
             return ActorGroup(spec, stage_cls, kwargs, tensor_transport=direct, pgs=self._pgs.pop(spec.name), **common)
 
         for i, spec in enumerate(specs[:-1]):
-            self.encoder_groups.append(group(spec, EncoderStage, partial(_encoder_kwargs, self.cfg, spec, i == 0)))
+            kwargs = partial(_encoder_kwargs, self.cfg, self.spec, spec, i == 0)
+            self.encoder_groups.append(group(spec, EncoderStage, kwargs))
         lm_spec = specs[-1]
-        self.lm_group = group(lm_spec, LanguageStage, partial(_stage_kwargs, self.cfg, lm_spec))
+        lm_kwargs = partial(_stage_kwargs, self.cfg, lm_spec, model_spec=self.spec)
+        self.lm_group = group(lm_spec, LanguageStage, lm_kwargs)
         if dec_spec is not None:
             self.decoder_group = group(dec_spec, DecoderStage, partial(_stage_kwargs, self.cfg, dec_spec))
         wait = par.placement_timeout_s + self.timeout_s

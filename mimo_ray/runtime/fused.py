@@ -19,11 +19,16 @@ from mimo_ray.stages.streams import random_streams
 
 
 class FusedRuntime:
-    """In-process runtime over ``build_fused_model(cfg)`` (Megatron world of 1 in this process)."""
+    """In-process runtime over ``build_fused_model(cfg, spec)`` (Megatron world of 1 in this process).
 
-    def __init__(self, cfg: Config):
+    Args:
+        cfg: the config.
+        spec: the run's ``MimoModelConfig`` (``None``: built from ``cfg``).
+    """
+
+    def __init__(self, cfg: Config, spec: Any = None):
         self.cfg = cfg
-        self.stage = FusedStage(cfg)
+        self.stage = FusedStage(cfg, spec)
         self.info = self.stage.setup()
         self._iterators: list | None = None
 

@@ -27,9 +27,9 @@ _GENERATION = itertools.count(1000)
 class FusedInferRuntime:
     """The whole model in this process (also the one-process baseline of the inference benchmark)."""
 
-    def __init__(self, cfg: Config, ckpt: str | None):
+    def __init__(self, cfg: Config, ckpt: str | None, spec: Any = None):
         self.cfg = cfg
-        self.stage = FusedInferStage(cfg)
+        self.stage = FusedInferStage(cfg, spec)
         self.stage.setup()
         if ckpt is not None:
             self.stage.load_weights(ckpt)
@@ -59,7 +59,7 @@ class DisaggregatedInferRuntime:
         in_flight: prompt batches in flight per encoder rank (overlaps encoding with generation).
     """
 
-    def __init__(self, cfg: Config, ckpt: str | None, in_flight: int = 2):
+    def __init__(self, cfg: Config, ckpt: str | None, in_flight: int = 2, spec: Any = None):
         # Inference always uses one shared encoder group: it keeps every prompt batch on one encoder rank.
         cfg = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, encoder_groups="shared"))
         self.cfg = cfg
@@ -77,7 +77,7 @@ class DisaggregatedInferRuntime:
                 enc_spec,
                 EncoderInferStage,
                 lambda r: {"cfg": cfg, "modalities": list(enc_spec.modalities), "rank": r,
-                           "world_size": enc_spec.num_actors, "role": enc_spec.name, "leader": True},
+                           "world_size": enc_spec.num_actors, "role": enc_spec.name, "leader": True, "spec": spec},
                 pgs=pgs.pop(enc_spec.name),
                 **common,
             )
@@ -85,7 +85,7 @@ class DisaggregatedInferRuntime:
             self.lm = ActorGroup(
                 lm_spec,
                 LanguageInferStage,
-                partial(lambda spec, r: {"cfg": cfg, "rank": r, "world_size": spec.num_actors, "role": spec.name},
+                partial(lambda g, r: {"cfg": cfg, "rank": r, "world_size": g.num_actors, "role": g.name, "spec": spec},
                         lm_spec),
                 pgs=pgs.pop(lm_spec.name),
                 **common,
@@ -163,8 +163,12 @@ class DisaggregatedInferRuntime:
         self.groups = []
 
 
-def build_infer_runtime(cfg: Config, ckpt: str | None) -> FusedInferRuntime | DisaggregatedInferRuntime:
-    """The inference runtime ``cfg.train.runtime`` names, with the checkpoint's weights loaded."""
+def build_infer_runtime(
+    cfg: Config, ckpt: str | None, spec: Any = None
+) -> FusedInferRuntime | DisaggregatedInferRuntime:
+    """The inference runtime ``cfg.train.runtime`` names over ``spec`` (``None``: built from ``cfg``), with the
+    checkpoint's weights loaded.
+    """
     if cfg.train.runtime == "fused":
-        return FusedInferRuntime(cfg, ckpt)
-    return DisaggregatedInferRuntime(cfg, ckpt)
+        return FusedInferRuntime(cfg, ckpt, spec=spec)
+    return DisaggregatedInferRuntime(cfg, ckpt, spec=spec)

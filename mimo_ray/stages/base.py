@@ -84,13 +84,26 @@ class Stage:
         world_size: actors in the stage's group.
         tp: tensor-parallel size inside the group (LM only; 1 elsewhere).
         name_prefix: prefix that maps this stage's parameter names onto the fused model's.
+        spec: the run's Megatron ``MimoModelConfig`` (a user's ModuleSpecs); ``None``: built from ``cfg``
+            (:func:`mimo_ray.model.build_mimo_config`). Each stage builds only its part of it.
     """
 
     #: Whether the stage trains: inference stages set ``False`` and get no optimizer (no fp32 master copies).
     trains = True
 
-    def __init__(self, cfg: Config, *, role: str, rank: int, world_size: int, tp: int = 1, name_prefix: str = ""):
+    def __init__(
+        self,
+        cfg: Config,
+        *,
+        role: str,
+        rank: int,
+        world_size: int,
+        tp: int = 1,
+        name_prefix: str = "",
+        spec: Any = None,
+    ):
         self.cfg = cfg
+        self.spec = spec
         self.role = role
         self.rank = rank
         self.world_size = world_size

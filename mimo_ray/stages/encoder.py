@@ -42,6 +42,7 @@ class EncoderStage(Stage):
         world_size: ``cfg.parallel.encoder_dp``.
         role: group name, e.g. ``encoder-shared`` or ``encoder-video``.
         leader: this group reads the data (and hands tokens to the LM and media to the other groups).
+        spec: the run's ``MimoModelConfig`` (``None``: built from ``cfg``); this stage builds its modalities' entries.
     """
 
     def __init__(
@@ -53,8 +54,11 @@ class EncoderStage(Stage):
         world_size: int = 1,
         role: str = "encoder-shared",
         leader: bool = True,
+        spec: Any = None,
     ):
-        super().__init__(cfg, role=role, rank=rank, world_size=world_size, name_prefix="modality_submodules.")
+        super().__init__(
+            cfg, role=role, rank=rank, world_size=world_size, name_prefix="modality_submodules.", spec=spec
+        )
         unknown = [m for m in modalities if m not in cfg.model.modalities]
         if unknown:
             raise ValueError(f"modalities {unknown} are not in model.modalities={cfg.model.modalities}")
@@ -65,7 +69,7 @@ class EncoderStage(Stage):
         self._consumed: list[str] = []  # sample ids pulled from the data stream in the current training step
 
     def build_module(self) -> torch.nn.Module:
-        return build_encoder_part(self.cfg, self.modalities)
+        return build_encoder_part(self.cfg, self.modalities, self.spec)
 
     @stage_call
     def set_data_iterator(self, iterable: Iterable | None) -> None:
@@ -129,9 +133,8 @@ class EncoderStage(Stage):
         if not ranges or starts[0] != 0 or stops[-1] != size or starts[1:] != stops[:-1]:
             raise ValueError(f"piece ranges {ranges} do not tile a micro-batch of {size} samples")
         inputs = batch.get("modality_inputs") or {}
-        mine = {m: inputs[m] for m in self.modalities if inputs.get(m) is not None}
         with torch.set_grad_enabled(train):
-            emb = encode_modalities(self.module, mine)
+            emb = encode_modalities(self.module, inputs, known=self.cfg.model.modalities)
         if train:
             self._graphs[key] = emb
         ids = self.cfg.model.special_token_ids

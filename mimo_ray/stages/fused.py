@@ -19,13 +19,18 @@ from mimo_ray.stages.payload import loss_stats, unpack
 
 
 class FusedStage(Stage):
-    """Encoders, projections and LM in this process (world of 1, no TP)."""
+    """Encoders, projections and LM in this process (world of 1, no TP).
 
-    def __init__(self, cfg: Config):
-        super().__init__(cfg, role="fused", rank=0, world_size=1)
+    Args:
+        cfg: the config.
+        spec: the run's ``MimoModelConfig`` (``None``: built from ``cfg``).
+    """
+
+    def __init__(self, cfg: Config, spec: Any = None):
+        super().__init__(cfg, role="fused", rank=0, world_size=1, spec=spec)
 
     def build_module(self) -> torch.nn.Module:
-        return build_fused_model(self.cfg)
+        return build_fused_model(self.cfg, self.spec)
 
     def _loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         batch = unpack(batch, self.device)

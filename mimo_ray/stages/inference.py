@@ -139,9 +139,8 @@ class EncoderInferStage(EncoderStage):
         extra = {k: batch[k] for k in PASSTHROUGH if k in batch}
         batch = unpack({k: v for k, v in batch.items() if k not in PASSTHROUGH}, self.device)
         inputs = batch.get("modality_inputs") or {}
-        mine = {m: inputs[m] for m in self.modalities if inputs.get(m) is not None}
         with torch.no_grad():
-            emb = encode_modalities(self.module, mine)
+            emb = encode_modalities(self.module, inputs, known=self.cfg.model.modalities)
         tokens = {"input_ids": batch["input_ids"], "prompt_lengths": batch["prompt_lengths"]}
         return {**extra, **pack({"tokens": tokens, "emb": emb}, self.payload_format)}
 
@@ -152,7 +151,8 @@ class LanguageInferStage(LanguageStage):
     trains = False
 
     def build_module(self) -> torch.nn.Module:
-        return build_lm_part(self.cfg)  # output decoders always beside the LM for inference (no backward to route)
+        # Output decoders always beside the LM for inference (no backward to route).
+        return build_lm_part(self.cfg, self.spec)
 
     @stage_call
     def load_weights(self, ckpt: str) -> None:

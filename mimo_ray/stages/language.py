@@ -37,14 +37,15 @@ class LanguageStage(Stage):
         rank: rank in the LM group's world (``tp * dp`` actors; TP ranks are consecutive).
         world_size: ``parallel.lm_tp * parallel.lm_dp``.
         role: group name.
+        spec: the run's ``MimoModelConfig`` (``None``: built from ``cfg``); this stage builds its language model.
     """
 
-    def __init__(self, cfg: Config, *, rank: int = 0, world_size: int = 1, role: str = "lm"):
-        super().__init__(cfg, role=role, rank=rank, world_size=world_size, tp=cfg.parallel.lm_tp)
+    def __init__(self, cfg: Config, *, rank: int = 0, world_size: int = 1, role: str = "lm", spec: Any = None):
+        super().__init__(cfg, role=role, rank=rank, world_size=world_size, tp=cfg.parallel.lm_tp, spec=spec)
         self._trainable = set(trainable_modalities(cfg.model))
 
     def build_module(self) -> torch.nn.Module:
-        module = build_lm_part(self.cfg)
+        module = build_lm_part(self.cfg, self.spec)
         if self.cfg.parallel.decoder_placement == "group":
             module.drop_decoders()  # they run in the decoder group (forward_rows / backward_rows)
         self._graphs: dict[Any, tuple] = {}

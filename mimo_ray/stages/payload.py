@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from mimo_ray.model.align import count_mismatch
+
 # Keys of a C1 batch that the LM needs besides the embeddings; all are ``[B, S]``.
 TOKEN_KEYS = ("input_ids", "position_ids", "labels", "loss_mask")
 PAYLOAD_FORMATS = ("numpy", "torch")
@@ -103,9 +105,7 @@ def check_rows(name: str, emb_NH: torch.Tensor, counts: list[int]) -> None:
         ValueError: naming the modality and both counts.
     """
     if emb_NH.shape[0] != sum(counts):
-        raise ValueError(
-            f"modality {name!r}: {sum(counts)} placeholder tokens in input_ids but {emb_NH.shape[0]} embedding rows"
-        )
+        raise ValueError(count_mismatch(name, counts, emb_NH.shape[0]))
 
 
 def slice_samples(

@@ -28,6 +28,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("mimo_ray.convert",),
     ("mimo_ray.perf",),
     ("mimo_ray.cli",),
+    ("mimo_ray.api",),
 ]
 
 
