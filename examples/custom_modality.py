@@ -86,6 +86,15 @@ def depth_model(cfg: mimo_ray.Config):
     return spec
 
 
+def read_depth(row: dict) -> dict:
+    """Decode function for manifest rows (``Trainer(..., decoders={"depth": read_depth})``): ``row["depth"]`` names
+    ``.npy`` depth maps ``[1, 16, 16]``, one per ``<depth>`` tag; runs in the Ray Data decode workers.
+    """
+    paths = row["depth"] if isinstance(row["depth"], list) else [row["depth"]]
+    maps = np.stack([np.load(p) for p in paths]).astype(np.float32)  # [k, 1, 16, 16]
+    return {"patches": {"depth": maps}, "stats": {"depth": maps}}
+
+
 def depth_batches(cfg: mimo_ray.Config, spec, num_batches: int, seed: int = 0) -> list[dict]:
     """Global batches: a tilted plane, near (mean depth 0.2) or far (0.8); the answer is the word."""
     rng = np.random.default_rng(seed)

@@ -426,6 +426,9 @@ class DataConfig:
     # it is skipped for good; rows that failed for a deterministic reason are never decoded again.
     decode_retry_epochs: int = 1
     max_bad_fraction: float = 0.2
+    # Decode functions of user modalities: {modality: "package.module:function"}, each row -> {encoder: {kwarg:
+    # array [k, ...]}} for the row's k tags of it (mimo_ray/data/decode_hooks.py); run in the decode workers.
+    decoders: dict[str, str] = field(default_factory=dict)
     shuffle: bool = True
     seed: int = 1234
 

@@ -120,6 +120,9 @@ class Trainer:
             ``ray.data.Dataset`` of manifest rows, or any iterable of C1 global batches (see
             :mod:`mimo_ray.data.user_batches`; a re-iterable object is needed for more than one pass and for
             recovery).
+        decoders: ``{user modality: row -> {encoder: {kwarg: array [k, ...]}}}``: decode functions for manifest
+            rows of user modalities, run in the Ray Data decode workers under the quarantine
+            (:mod:`mimo_ray.data.decode_hooks`; ``data.decoders`` names importable ones in the config).
         on_step_start: optional ``step -> fault description | None`` hook (fault injection, see ``TrainLoop``).
 
     Raises:
@@ -132,6 +135,7 @@ class Trainer:
         mimo_config: SpecLike = None,
         data: str | os.PathLike | Iterable | Any | None = None,
         *,
+        decoders: dict[str, Callable[[dict[str, Any]], Any]] | None = None,
         on_step_start: Callable[[int], Any] | None = None,
     ) -> None:
         import dataclasses
@@ -151,6 +155,11 @@ class Trainer:
                                 f"batches, got {type(data).__name__}")
             self._batches = data
         self.on_step_start = on_step_start
+        unknown = [m for m in (decoders or {}) if m not in self.cfg.model.modalities]
+        if unknown:
+            raise ValueError(f"decoders for {unknown}, which are not modalities of the model "
+                             f"({self.cfg.model.modalities})")
+        self.decoders = dict(decoders or {})
         self._started_ray = False
         self._loop: Any = None
         self.summary: dict[str, Any] | None = None
@@ -217,6 +226,9 @@ class Trainer:
             self.cfg = dataclasses.replace(self.cfg, data=dataclasses.replace(self.cfg.data, data_path=path))
             self._dataset = None
         spec = self.spec
+        from mimo_ray.data.decode_hooks import register
+
+        register(self.decoders)
         self._loop = TrainLoop(
             self.cfg,
             lambda cfg: build_runtime(cfg, spec),
@@ -229,6 +241,7 @@ class Trainer:
         finally:
             self._loop.close()
             self._loop = None
+            register(None)
         records = [r for r in read_metrics(Path(self.cfg.train.output_dir) / "metrics.jsonl")
                    if r.get("split") == "train"]
         by_step = {int(r["step"]): float(r["loss"]) for r in records}

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
+from mimo_ray.data.decode_hooks import concat_user_media, pack_user_media, unpack_user_media
 from mimo_ray.data.quarantine import BadRow
 from mimo_ray.data.sample_media import from_transport, transport_layout
 
@@ -40,6 +41,7 @@ DECODED_SCHEMA = pa.schema(
         ("m_video", pa.binary()),
         ("m_audio", pa.binary()),
         ("m_images", pa.binary()),
+        ("m_user", pa.binary()),  # .npz of user modalities' encoder inputs (decode_hooks.pack_user_media)
     ]
 )
 
@@ -55,6 +57,7 @@ MICROBATCH_SCHEMA = pa.schema(
         ("m_video", pa.binary()),
         ("m_audio", pa.binary()),
         ("m_images", pa.binary()),
+        ("m_user", pa.binary()),  # .npz of user modalities' encoder inputs (decode_hooks.pack_user_media)
     ]
 )
 
@@ -77,7 +80,9 @@ class BatchLayout:
     def from_config(cls, cfg: Any) -> BatchLayout:
         from mimo_ray.model.spec import INPUT_KWARG, encoder_name, input_shape
 
-        mods = list(cfg.model.modalities)
+        from mimo_ray.config import MODALITIES
+
+        mods = [m for m in cfg.model.modalities if m in MODALITIES]  # user modalities travel in m_user
         return cls(
             seq_length=cfg.model.lm.seq_length,
             shapes=tuple((m, tuple(input_shape(cfg, m))) for m in mods),
@@ -91,17 +96,24 @@ class BatchLayout:
     def shape(self, modality: str) -> tuple[int, ...]:
         return dict(self.shapes)[modality]
 
-    def media_from_bytes(self, modality: str, data: bytes, size: int) -> np.ndarray:
-        """``size`` samples' transport bytes → transport array ``[size, ...]`` (read-only view)."""
+    def media_from_bytes(self, modality: str, data: bytes, size: int | None = None) -> np.ndarray:
+        """Items' transport bytes → transport array ``[N_items, ...]`` (read-only view); samples carry any number
+        of items (0, 1, several), so the count comes from the bytes. ``size`` (samples) is only a check when every
+        sample has one item.
+        """
         dtype, shape = transport_layout(modality, self.shape(modality))
-        return np.frombuffer(data, dtype=dtype).reshape(size, *shape)
+        per = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        if len(data) % per:
+            raise ValueError(f"{modality}: {len(data)} bytes are not whole items of {shape} {np.dtype(dtype)}")
+        return np.frombuffer(data, dtype=dtype).reshape(len(data) // per, *shape)
 
 
 @dataclass
 class MicroBatch:
     """One micro-batch in numpy: ``input_ids/labels`` int64 ``[B, S]``, ``loss_mask`` float32 ``[B, S]``,
-    ``media[modality]`` in its transport layout (uint8 RGB frames ``[B, T, H, W, 3]`` / ``[B, H, W, 3]``, float32
-    audio ``[B, bins, frames]``); ``ids`` the sample ids.
+    ``media[modality]`` in its transport layout, every item of the batch in sample order (uint8 RGB frames
+    ``[N, T, H, W, 3]`` / ``[N, H, W, 3]``, float32 audio ``[N, bins, frames]``; a modality without items is
+    absent), ``user`` the user modalities' ``{modality: {encoder: {kwarg: [N, ...]}}}``; ``ids`` the sample ids.
     """
 
     index: int
@@ -110,6 +122,7 @@ class MicroBatch:
     labels: np.ndarray
     loss_mask: np.ndarray
     media: dict[str, np.ndarray]
+    user: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def to_batch(self, layout: BatchLayout) -> dict[str, Any]:
         """The C1 batch (torch tensors) the model consumes, plus ``ids``."""
@@ -120,7 +133,11 @@ class MicroBatch:
         modality_inputs = {
             mod: {encoders[mod][0]: {encoders[mod][1]: torch.from_numpy(from_transport(mod, arr))}}
             for mod, arr in self.media.items()
+            if len(arr)
         }
+        for mod, encoders_in in self.user.items():
+            modality_inputs[mod] = {e: {k: torch.from_numpy(np.array(a)) for k, a in kw.items()}
+                                    for e, kw in encoders_in.items()}
         return {
             "input_ids": torch.from_numpy(self.input_ids.astype(np.int64)),
             "position_ids": torch.arange(seq, dtype=torch.long).unsqueeze(0).expand(size, seq).contiguous(),
@@ -142,6 +159,7 @@ class MicroBatch:
         }
         for mod, col in MODALITY_COLUMNS.items():
             row[col] = self.media[mod].tobytes() if mod in self.media else b""
+        row["m_user"] = pack_user_media(self.user)
         return row
 
     @classmethod
@@ -151,7 +169,8 @@ class MicroBatch:
         def tokens(name: str, dtype: type) -> np.ndarray:
             return np.frombuffer(row[name], dtype=dtype).reshape(size, seq)
 
-        media = {mod: layout.media_from_bytes(mod, row[MODALITY_COLUMNS[mod]], size) for mod in layout.modalities}
+        media = {mod: layout.media_from_bytes(mod, row[MODALITY_COLUMNS[mod]]) for mod in layout.modalities}
+        media = {mod: arr for mod, arr in media.items() if len(arr)}
         return cls(
             index=int(row["index"]),
             ids=json.loads(row["ids"]),
@@ -159,6 +178,7 @@ class MicroBatch:
             labels=tokens("labels", np.int32).astype(np.int64),
             loss_mask=tokens("loss_mask", np.uint8).astype(np.float32),
             media=media,
+            user=unpack_user_media(row.get("m_user") or b""),
         )
 
 
@@ -243,9 +263,10 @@ class MicroBatcher:
             return np.frombuffer(b"".join(r[name] for r in rows), dtype=dtype).reshape(size, seq)
 
         media = {
-            mod: self.layout.media_from_bytes(mod, b"".join(r[MODALITY_COLUMNS[mod]] for r in rows), size)
+            mod: self.layout.media_from_bytes(mod, b"".join(r[MODALITY_COLUMNS[mod]] for r in rows))
             for mod in self.layout.modalities
         }
+        media = {mod: arr for mod, arr in media.items() if len(arr)}  # a modality no sample of the batch carries
         batch = MicroBatch(
             index=self.next_index,
             ids=[r["id"] for r in rows],
@@ -253,6 +274,7 @@ class MicroBatcher:
             labels=stack("labels", np.int32).astype(np.int64),
             loss_mask=stack("loss_mask", np.uint8).astype(np.float32),
             media=media,
+            user=concat_user_media([unpack_user_media(r.get("m_user") or b"") for r in rows]),
         )
         self.next_index += 1
         self.rows_out += size

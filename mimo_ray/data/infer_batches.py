@@ -25,6 +25,7 @@ import numpy as np
 import pyarrow as pa
 
 from mimo_ray.data.collate import MODALITY_COLUMNS, BatchLayout, bad_row_of
+from mimo_ray.data.decode_hooks import concat_user_media, unpack_user_media
 from mimo_ray.data.manifest import read_manifest
 from mimo_ray.data.quarantine import BadBudget, QuarantineLog, quarantine_path
 from mimo_ray.data.ray_dataset import decode_dataset, ensure_ray
@@ -51,8 +52,13 @@ def collate_prompts(rows: list[dict[str, Any]], layout: BatchLayout, pad_id: int
     modality_inputs = {}
     for mod in layout.modalities:
         data = b"".join(r[MODALITY_COLUMNS[mod]] for r in rows)
-        arr = from_transport(mod, layout.media_from_bytes(mod, data, len(rows)))
-        modality_inputs[mod] = {encoders[mod][0]: {encoders[mod][1]: torch.from_numpy(arr)}}
+        arr = from_transport(mod, layout.media_from_bytes(mod, data))
+        if len(arr):  # prompts carry any subset of the modalities
+            modality_inputs[mod] = {encoders[mod][0]: {encoders[mod][1]: torch.from_numpy(arr)}}
+    user = concat_user_media([unpack_user_media(r.get("m_user") or b"") for r in rows])
+    for mod, encoders_in in user.items():
+        modality_inputs[mod] = {e: {k: torch.from_numpy(np.array(a)) for k, a in kw.items()}
+                                for e, kw in encoders_in.items()}
     return {
         "input_ids": torch.from_numpy(input_ids),
         "position_ids": torch.from_numpy(position_ids),

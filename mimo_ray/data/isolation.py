@@ -227,7 +227,7 @@ def _act_out(fault: str | None) -> None:
 
 def _child_main() -> None:
     from mimo_ray.data.errors import MediaError
-    from mimo_ray.data.sample_media import decode_media
+    from mimo_ray.data.sample_media import decode_request
 
     channel_in = os.fdopen(os.dup(0), "rb", buffering=0)
     channel_out = os.fdopen(os.dup(1), "wb", buffering=0)
@@ -255,7 +255,7 @@ def _child_main() -> None:
             request = message[1]
             _act_out(request.get("fault"))
             try:
-                reply = ("ok", decode_media(request, spec))
+                reply = ("ok", decode_request(request, spec))
             except MediaError as err:
                 reply = ("media", err.stage, err.message)
             except Exception as err:  # reported as stage "error" for this sample only

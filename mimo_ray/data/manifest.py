@@ -121,10 +121,12 @@ def _normalise(rec: Any, line: int, base: Path, name: str, error: str | None) ->
         value = rec.get(field)
         if value is None:
             continue
-        if not isinstance(value, str) or not value:
-            row["error"] = f"'{field}' must be a path string, got {value!r:.60}"
+        items = value if isinstance(value, list) else [value]
+        if not items or not all(isinstance(v, str) and v for v in items):
+            row["error"] = f"'{field}' must be a path string or a list of them, got {value!r:.60}"
             return row
-        row[field] = str(base / value) if not os.path.isabs(value) else value
+        paths = [str(base / v) if not os.path.isabs(v) else v for v in items]
+        row[field] = paths[0] if isinstance(value, str) else json.dumps(paths)
     conv = rec.get("conversations")
     if not isinstance(conv, list) or not conv:
         row["error"] = "'conversations' must be a non-empty list"
@@ -139,9 +141,20 @@ def _row(rid: str, error: str | None = None) -> dict[str, Any]:
             "meta": "{}", "error": error}  # fmt: skip
 
 
+def media_items(value: str | None) -> list[str]:
+    """The paths a media column holds: none, one path, or a list of them (multi-image rows: ``"image": [..]``).
+
+    A list is stored as its JSON array; resolved paths are absolute, so a value starting with ``[`` is a list.
+    """
+    if not value:
+        return []
+    return list(json.loads(value)) if value.startswith("[") else [value]
+
+
 def first_media_path(row: dict[str, Any]) -> str:
     """The path to name in a quarantine record (video, else audio, else image, else '')."""
     for field in MEDIA_FIELDS:
-        if row.get(field):
-            return str(row[field])
+        items = media_items(row.get(field))
+        if items:
+            return items[0]
     return ""

@@ -21,7 +21,8 @@ import pyarrow as pa
 from mimo_ray.data.bad_memory import WAIT
 from mimo_ray.data.collate import DECODED_SCHEMA, MODALITY_COLUMNS
 from mimo_ray.data.isolation import FAULTS_ENV, TRACE_ENV, DecodeProcess, decode_isolated
-from mimo_ray.data.manifest import MODALITY_FIELDS, first_media_path
+from mimo_ray.data.decode_hooks import pack_user_media, registered, resolve_decoders, run_decoder
+from mimo_ray.data.manifest import MODALITY_FIELDS, first_media_path, media_items
 from mimo_ray.data.quarantine import kind_of
 from mimo_ray.data.sample_media import MediaSpec, request_paths
 from mimo_ray.data.tokenizer import MODALITY_TAGS, ChatTokenizer, TokenizeError, count_tags
@@ -47,6 +48,8 @@ class DecodeOptions:
         trace: a folder where every row decoded is appended to ``decoded.txt`` as ``<epoch> <id>`` and "-once"
             faults leave their marks (tests; from ``MIMO_RAY_DECODE_TRACE``); ``""``: none.
         registry: ``[BadRowRegistry actor]`` to ask before decoding and to tell of failures, or ``[]``.
+        decoders: ``{user modality: row -> {encoder: {kwarg: array [k, ...]}}}`` (:mod:`~mimo_ray.data.decode_hooks`).
+        user_tags: ``{user modality: tag}``.
     """
 
     mode: str
@@ -59,6 +62,8 @@ class DecodeOptions:
     faults: dict[str, str] = field(default_factory=dict)
     trace: str = ""
     registry: list = field(default_factory=list)
+    decoders: dict[str, Any] = field(default_factory=dict)
+    user_tags: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_config(cls, cfg: Any, mode: str, tokenizer: ChatTokenizer, manifest_ref: Any) -> DecodeOptions:
@@ -78,6 +83,8 @@ class DecodeOptions:
             manifest_ref=[manifest_ref],
             faults=faults,
             trace=trace,
+            decoders=resolve_decoders(cfg.data.decoders, registered()),
+            user_tags=dict(tokenizer.user_tags),
         )
 
 
@@ -114,24 +121,58 @@ def _manifest(ref: Any) -> pa.Table:
     return _MANIFESTS[key]
 
 
-def check_tags(conversations: Any, row: dict[str, Any], modalities: tuple[str, ...]) -> str | None:
-    """Why the row's tags do not match its media fields or the model's modalities (``None`` when they do)."""
+def media_request(row: dict[str, Any], counts: dict[str, int], modalities: tuple[str, ...]) -> dict[str, Any]:
+    """The media items a row asks the decoder for: every path of its ``video``/``audio``/``image`` fields; audio
+    from the videos' own streams when the row has ``<audio>`` tags and no ``audio`` field.
+    """
+    request: dict[str, Any] = {"items": True}
+    for fld in MODALITY_FIELDS.values():
+        request[fld] = media_items(row.get(fld))
+    if "audio" in modalities and counts.get("audio") and not request["audio"] and request["video"]:
+        request["audio_from"] = "video"
+    return request
+
+
+def check_tags(
+    conversations: Any, row: dict[str, Any], modalities: tuple[str, ...], user_tags: dict[str, str] | None = None
+) -> str | None:
+    """Why the row's tags do not match its media items or the model's modalities (``None`` when they do).
+
+    The rule is "tags equal media items", per modality: a sample carries any subset of the model's modalities —
+    none (text-only), one, or several items of one (multi-image: one ``<image>`` tag per ``image`` list entry, in
+    order). Media fields of modalities the model lacks are ignored when no tag refers to them.
+    """
     if not isinstance(conversations, list):
         return None  # reported by the tokenizer with stage "manifest"
-    counts = count_tags(conversations)
+    counts = count_tags(conversations, user_tags)
+    request = media_request(row, counts, modalities)
     for mod, tag in MODALITY_TAGS.items():
         n, fld = counts[mod], MODALITY_FIELDS[mod]
         if mod not in modalities:
             if n:
                 return f"{n} {tag} tag(s) but model.modalities={list(modalities)}"
             continue
-        if n != 1:
-            return f"{n} {tag} tags; each sample needs exactly one (model.modalities={list(modalities)})"
-        has_media = bool(row.get(fld)) or (mod == "audio" and bool(row.get("video")))
-        if not has_media:
-            source = "'audio' file or a video" if mod == "audio" else f"'{fld}' file"
-            return f"{tag} tag but the row has no {source}"
+        items = len(request["video"]) if mod == "audio" and request.get("audio_from") else len(request[fld])
+        if n != items:
+            source = "'audio' item(s) (or videos with an audio track)" if mod == "audio" else f"'{fld}' item(s)"
+            return f"modality {mod!r}: {n} {tag} tag(s) but {items} {source}; each tag stands for one item, in order"
+    for mod, tag in (user_tags or {}).items():
+        if counts.get(mod) and mod not in modalities:
+            return f"{counts[mod]} {tag} tag(s) but model.modalities={list(modalities)}"
     return None
+
+
+def user_row(row: dict[str, Any], conversations: Any) -> dict[str, Any]:
+    """The manifest row as the user wrote it (their own fields, ``id``, ``conversations``, media paths) for a user
+    decode function.
+    """
+    out = dict(json.loads(row.get("meta") or "{}"))
+    out.update({"id": row["id"], "conversations": conversations})
+    for fld in ("video", "audio", "image"):
+        items = media_items(row.get(fld))
+        if items:
+            out[fld] = items if len(items) > 1 else items[0]
+    return out
 
 
 def _fault(row: dict[str, Any], request: dict[str, Any], opts: DecodeOptions) -> str | None:
@@ -162,6 +203,7 @@ def prepare_row(plan: dict[str, Any], row: dict[str, Any], opts: DecodeOptions) 
         "pos": plan["pos"], "epoch": plan["epoch"], "row": plan["row"], "id": row["id"], "ok": False,
         "stage": "", "error": "", "path": first_media_path(row), "tokens": b"", "labels": b"", "loss_mask": b"",
         "answer": "", "meta": row.get("meta") or "{}", "m_video": b"", "m_audio": b"", "m_images": b"",
+        "m_user": b"",
     }  # fmt: skip
 
     def bad(stage: str, error: str) -> dict[str, Any]:
@@ -172,7 +214,8 @@ def prepare_row(plan: dict[str, Any], row: dict[str, Any], opts: DecodeOptions) 
     if row.get("error"):
         return bad("manifest", row["error"])
     conversations = json.loads(row["conversations"])
-    problem = check_tags(conversations, row, opts.media.modalities)
+    all_modalities = (*opts.media.modalities, *opts.user_tags)
+    problem = check_tags(conversations, row, all_modalities, opts.user_tags)
     if problem:
         return bad("tags", problem)
     tok = _tokenizer(opts.tokenizer)
@@ -180,10 +223,20 @@ def prepare_row(plan: dict[str, Any], row: dict[str, Any], opts: DecodeOptions) 
         enc = tok.encode_prompt(conversations) if opts.mode == "infer" else tok.encode(conversations)
     except TokenizeError as err:
         return bad(err.stage, err.message)
+    counts = count_tags(conversations, opts.user_tags)
+    user: dict[str, Any] = {}
+    for mod in opts.user_tags:
+        if not counts.get(mod):
+            continue
+        if mod not in opts.decoders:
+            return bad("tags", f"{counts[mod]} {opts.user_tags[mod]} tag(s) but modality {mod!r} has no decode "
+                               "function (data.decoders, or Trainer(decoders=...))")
+        try:
+            user[mod] = run_decoder(mod, opts.decoders[mod], user_row(row, conversations), counts[mod])
+        except ValueError as err:
+            return bad("decode", str(err))
     request = {
-        "video": row.get("video"),
-        "audio": row.get("audio"),
-        "image": row.get("image"),
+        **media_request(row, counts, opts.media.modalities),
         "train": opts.mode == "train",
         "seed": [opts.seed, plan["epoch"], plan["row"]],
     }
@@ -191,6 +244,7 @@ def prepare_row(plan: dict[str, Any], row: dict[str, Any], opts: DecodeOptions) 
     outcome = decode_isolated(_process(opts.media), request, opts.timeout_s, opts.retries)
     if outcome.arrays is None:
         return bad(outcome.stage, outcome.error)
+    out["m_user"] = pack_user_media(user)
     if opts.mode == "infer":
         out["tokens"] = enc.ids[: enc.prompt_len].astype(np.int32).tobytes()
         out["answer"] = enc.answer or ""

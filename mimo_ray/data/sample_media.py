@@ -41,11 +41,13 @@ class MediaSpec:
 
     @classmethod
     def from_config(cls, cfg: Any) -> MediaSpec:
+        from mimo_ray.config import MODALITIES
         from mimo_ray.model.spec import input_shape
 
         a, v = cfg.model.audio, cfg.model.vision
+        mods = tuple(m for m in cfg.model.modalities if m in MODALITIES)  # user modalities: decode_hooks
         return cls(
-            modalities=tuple(cfg.model.modalities),
+            modalities=mods,
             num_frames=v.num_frames,
             img_size=v.img_size,
             audio_backbone=a.backbone_type,
@@ -55,7 +57,7 @@ class MediaSpec:
             n_fft=a.n_fft,
             hop_length=a.hop_length,
             fbank_bins=a.fbank_bins,
-            shapes=tuple((m, tuple(input_shape(cfg, m))) for m in cfg.model.modalities),
+            shapes=tuple((m, tuple(input_shape(cfg, m))) for m in mods),
         )
 
     def shape(self, modality: str) -> tuple[int, ...]:
@@ -70,46 +72,82 @@ def audio_features(wave: np.ndarray, spec: MediaSpec) -> np.ndarray:
 
 
 def decode_media(request: dict[str, Any], spec: MediaSpec) -> dict[str, np.ndarray]:
-    """Decode one sample.
+    """Decode a sample with one item of every modality of ``spec`` (the audio from ``audio``, else from the video).
 
     Args:
-        request: ``{"video", "audio", "image"}`` absolute paths (or ``None``), ``"train"`` (jitter) and ``"seed"``
-            (``[seed, epoch, row]``). Audio comes from ``audio`` or, when that is ``None``, the video's own stream;
-            either way it is cut short (``truncated``) only relative to the length its own file declares, then
-            padded with zeros or cropped to ``spec.clip_samples`` whatever the video's duration.
+        request: ``{"video", "audio", "image"}`` absolute paths (or ``None``), ``"train"``, ``"seed"``.
         spec: shapes and feature settings.
 
     Returns:
-        ``{modality: array}`` for every modality in ``spec.modalities``, in its transport layout
-        (:func:`transport_layout`): uint8 RGB ``[T, H, W, 3]`` video and ``[H, W, 3]`` images, float32 audio.
+        ``{modality: array}`` per item (no item dim), see :func:`decode_items`.
+    """
+    req = dict(request)
+    if "audio" in spec.modalities and not req.get("audio"):
+        req["audio_from"] = "video"
+    return {mod: arr[0] for mod, arr in decode_items(req, spec).items()}
+
+
+def decode_request(request: dict[str, Any], spec: MediaSpec) -> dict[str, np.ndarray]:
+    """What the isolated decoder runs: :func:`decode_items` for a pipeline request (``"items": True``), else
+    :func:`decode_media`.
+    """
+    return decode_items(request, spec) if request.get("items") else decode_media(request, spec)
+
+
+def decode_items(request: dict[str, Any], spec: MediaSpec) -> dict[str, np.ndarray]:
+    """Decode one sample: every media item it carries, zero or more per modality.
+
+    Args:
+        request: ``{"video", "audio", "image"}``: an absolute path, a list of them, or ``None``; ``"audio_from"``
+            (``"video"``: each video's own audio stream stands for one audio item), ``"train"`` (jitter) and
+            ``"seed"`` (``[seed, epoch, row]``). An audio item is cut short (``truncated``) only relative to the
+            length its own file declares, then padded with zeros or cropped to ``spec.clip_samples``.
+        spec: shapes and feature settings.
+
+    Returns:
+        ``{modality: [k, ...]}`` for every modality of ``spec.modalities`` with ``k >= 1`` items, in its transport
+        layout (:func:`transport_layout`): uint8 RGB ``[k, T, H, W, 3]`` video and ``[k, H, W, 3]`` images, float32
+        audio ``[k, bins, frames]``; a modality without items is absent.
 
     Raises:
         MediaError: with the failing stage (``open``, ``decode``, ``frames``, ``audio``, ``truncated``).
     """
     train = bool(request.get("train"))
     seed = [int(s) for s in request.get("seed", [0])]
-    out: dict[str, np.ndarray] = {}
+    out: dict[str, list[np.ndarray]] = {}
     size = (spec.img_size, spec.img_size)
+
+    def items(key: str) -> list[str]:
+        value = request.get(key)
+        return [] if not value else list(value) if isinstance(value, list | tuple) else [value]
+
+    def item_rng(index: int, item: int) -> np.random.Generator:
+        # Item 0 keeps the seed a one-item sample always had, so single-item data decode as before.
+        return np.random.default_rng([*seed, index] if item == 0 else [*seed, index, item])
+
     if "video" in spec.modalities:
-        rng = np.random.default_rng([*seed, 0])
-        out["video"] = decode_video(request["video"], spec.num_frames, size, train=train, rng=rng)
+        out["video"] = [decode_video(p, spec.num_frames, size, train=train, rng=item_rng(0, i))
+                        for i, p in enumerate(items("video"))]  # fmt: skip
     if "images" in spec.modalities:
-        out["images"] = decode_image(request["image"], size)[0]
+        out["images"] = [decode_image(p, size)[0] for p in items("image")]
     if "audio" in spec.modalities:
-        rng = np.random.default_rng([*seed, 1])
-        if request.get("audio"):
+        from_video = request.get("audio_from") == "video"
+        sources = items("video") if from_video else items("audio")
+        waves = []
+        for i, path in enumerate(sources):
             # Judged against its own header only: a track shorter or longer than the video is padded or cropped.
-            wave = load_audio(request["audio"], target_sr=spec.sample_rate)
-        else:
-            wave = load_audio(request["video"], target_sr=spec.sample_rate, from_video=True)
-        wave = crop_or_pad(wave, spec.clip_samples, train=train, rng=rng)
-        out["audio"] = audio_features(wave, spec)
+            wave = load_audio(path, target_sr=spec.sample_rate, from_video=from_video)
+            waves.append(audio_features(crop_or_pad(wave, spec.clip_samples, train=train, rng=item_rng(1, i)), spec))
+        out["audio"] = waves
     arrays = {}
-    for mod, arr in out.items():
+    for mod, found in out.items():
+        if not found:
+            continue
         dtype, shape = transport_layout(mod, spec.shape(mod))
-        if tuple(arr.shape) != shape:
-            raise ValueError(f"{mod} decoded to shape {tuple(arr.shape)}, the encoder takes {shape}")
-        arrays[mod] = np.ascontiguousarray(arr, dtype=dtype)
+        for arr in found:
+            if tuple(arr.shape) != shape:
+                raise ValueError(f"{mod} decoded to shape {tuple(arr.shape)}, the encoder takes {shape}")
+        arrays[mod] = np.ascontiguousarray(np.stack(found), dtype=dtype)
     return arrays
 
 
@@ -134,4 +172,8 @@ def from_transport(modality: str, batch: np.ndarray) -> np.ndarray:
 
 def request_paths(request: dict[str, Any]) -> list[str]:
     """The media files a request reads (for fault injection and messages)."""
-    return [os.fspath(request[k]) for k in ("video", "audio", "image") if request.get(k)]
+    out = []
+    for key in ("video", "audio", "image"):
+        value = request.get(key)
+        out += [os.fspath(v) for v in (value if isinstance(value, list | tuple) else [value]) if v]
+    return out

@@ -198,13 +198,17 @@ def conversation_turns(conversations: Any, *, allow_open: bool) -> list[tuple[st
     return turns
 
 
-def count_tags(conversations: list[dict[str, Any]]) -> dict[str, int]:
-    """How often each modality tag occurs in the human turns: ``{"video": 1, "audio": 1, "images": 0}``."""
-    counts = dict.fromkeys(MODALITY_TAGS, 0)
+def count_tags(conversations: list[dict[str, Any]], user_tags: dict[str, str] | None = None) -> dict[str, int]:
+    """How often each modality tag occurs in the human turns: ``{"video": 1, "audio": 1, "images": 0}`` (plus the
+    user modalities of ``user_tags`` ``{modality: tag}``).
+    """
+    tags = {**TAG_MODALITIES, **{t: m for m, t in (user_tags or {}).items()}}
+    pattern = re.compile("|".join(re.escape(t) for t in tags))
+    counts = dict.fromkeys(tags.values(), 0)
     for i, msg in enumerate(conversations):
         if i % 2 == 0 and isinstance(msg, dict) and isinstance(msg.get("value"), str):
-            for tag in _TAG_RE.findall(msg["value"]):
-                counts[TAG_MODALITIES[tag]] += 1
+            for tag in pattern.findall(msg["value"]):
+                counts[tags[tag]] += 1
     return counts
 
 
