@@ -78,9 +78,8 @@ class BatchLayout:
 
     @classmethod
     def from_config(cls, cfg: Any) -> BatchLayout:
-        from mimo_ray.model.spec import INPUT_KWARG, encoder_name, input_shape
-
         from mimo_ray.config import MODALITIES
+        from mimo_ray.model.spec import INPUT_KWARG, encoder_name, input_shape
 
         mods = [m for m in cfg.model.modalities if m in MODALITIES]  # user modalities travel in m_user
         return cls(

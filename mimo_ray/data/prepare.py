@@ -20,8 +20,8 @@ import pyarrow as pa
 
 from mimo_ray.data.bad_memory import WAIT
 from mimo_ray.data.collate import DECODED_SCHEMA, MODALITY_COLUMNS
-from mimo_ray.data.isolation import FAULTS_ENV, TRACE_ENV, DecodeProcess, decode_isolated
 from mimo_ray.data.decode_hooks import pack_user_media, registered, resolve_decoders, run_decoder
+from mimo_ray.data.isolation import FAULTS_ENV, TRACE_ENV, DecodeProcess, decode_isolated
 from mimo_ray.data.manifest import MODALITY_FIELDS, first_media_path, media_items
 from mimo_ray.data.quarantine import kind_of
 from mimo_ray.data.sample_media import MediaSpec, request_paths
