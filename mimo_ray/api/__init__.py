@@ -11,9 +11,10 @@ from __future__ import annotations
 
 from mimo_ray.api.config import load_config
 from mimo_ray.api.generate import generate, generate_ids
+from mimo_ray.api.pretrained import import_pretrained
 from mimo_ray.api.tokenize import encode_conversation
 from mimo_ray.api.trainer import Trainer
 from mimo_ray.config import Config
 from mimo_ray.model.spec_source import build_mimo_config
 
-__all__ = ["Config", "Trainer", "build_mimo_config", "encode_conversation", "generate", "generate_ids", "load_config"]
+__all__ = ["Config", "Trainer", "build_mimo_config", "encode_conversation", "generate", "generate_ids", "import_pretrained", "load_config"]

@@ -52,7 +52,7 @@ def _rel(a: list[float], b: list[float]) -> float:
 
 def test_public_names_are_exported_lazily():
     assert set(mimo_ray.__all__) == {"Config", "Trainer", "build_mimo_config", "encode_conversation", "generate",
-                                     "generate_ids", "load_config"}
+                                     "generate_ids", "import_pretrained", "load_config"}
     for name in mimo_ray.__all__:
         assert getattr(mimo_ray, name).__doc__, name
     code = "import sys, mimo_ray; print('ray' in sys.modules, 'megatron' in sys.modules)"
@@ -140,12 +140,36 @@ def test_text_only_model_trains_in_both_runtimes_and_generate_equals_infer_job(r
     assert mimo_ray.generate(run, prompts, max_new_tokens=6, chat_template="none") == texts
 
 
-def test_examples_run_as_a_user_would(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
-    env.pop("RAY_ADDRESS", None)
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "custom_modality.py"), "--steps", "30", "--out",
-         str(tmp_path / "depth")], capture_output=True, text=True, timeout=400, env=env, cwd=ROOT,
-    )
+def _run_example(name: str, *args: str) -> str:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled",
+           "HF_HUB_OFFLINE": "1"}
+    env.pop("RAY_ADDRESS", None)  # an embedded Ray, as on a user's laptop
+    proc = subprocess.run([sys.executable, str(ROOT / "examples" / f"{name}.py"), *args], capture_output=True,
+                          text=True, timeout=400, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "near map -> 'near'; far map -> 'far'" in proc.stdout, proc.stdout[-2000:]
+    return proc.stdout
+
+
+def test_example_custom_modality_learns_and_answers(tmp_path):
+    out = _run_example("custom_modality", "--steps", "30", "--out", str(tmp_path / "depth"))
+    assert "trained 30 steps" in out and "near map -> 'near'; far map -> 'far'" in out, out[-2000:]
+
+
+def test_example_train_manifest_from_python(tmp_path):
+    out = _run_example("train_manifest", "--synthetic", "24", "--steps", "4", "--out", str(tmp_path / "av"))
+    assert "trained 4 steps" in out and "quarantined 0" in out, out[-2000:]
+    answers = [line for line in out.splitlines() if line.startswith("syn-") and "(reference " in line]
+    assert len(answers) == 4, out[-2000:]
+
+
+def test_example_hf_lm_prompt(tmp_path):
+    import transformers
+
+    from tests.hf_tiny import llama_config, make_tokenizer, randomize_
+
+    lm_dir = tmp_path / "hf_llama"
+    randomize_(transformers.LlamaForCausalLM(llama_config())).save_pretrained(lm_dir)
+    make_tokenizer(lm_dir)
+    out = _run_example("hf_lm_prompt", "--lm", str(lm_dir), "--out", str(tmp_path / "run"), "--prompt",
+                       "the cat sat on", "--max-new-tokens", "4")
+    assert "(modalities [], 2 layers)" in out and "'the cat sat on' -> '" in out, out[-2000:]
