@@ -16,7 +16,16 @@ __version__ = "0.1.0"
 
 #: The public API (DESIGN.md C13), defined in :mod:`mimo_ray.api` and loaded on first use, so that Ray workers
 #: importing internal modules never pay for it. Everything not listed here is internal and may change.
-__all__ = ["Config", "Trainer", "build_mimo_config", "encode_conversation", "generate", "generate_ids", "import_pretrained", "load_config"]
+__all__ = [
+    "Config",
+    "Trainer",
+    "build_mimo_config",
+    "encode_conversation",
+    "generate",
+    "generate_ids",
+    "import_pretrained",
+    "load_config",
+]
 
 
 def __getattr__(name: str):  # noqa: ANN202 - PEP 562 lazy export

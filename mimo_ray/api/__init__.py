@@ -17,4 +17,13 @@ from mimo_ray.api.trainer import Trainer
 from mimo_ray.config import Config
 from mimo_ray.model.spec_source import build_mimo_config
 
-__all__ = ["Config", "Trainer", "build_mimo_config", "encode_conversation", "generate", "generate_ids", "import_pretrained", "load_config"]
+__all__ = [
+    "Config",
+    "Trainer",
+    "build_mimo_config",
+    "encode_conversation",
+    "generate",
+    "generate_ids",
+    "import_pretrained",
+    "load_config",
+]

@@ -24,7 +24,9 @@ def import_pretrained(
 
     Args:
         output_dir: the new run directory (must not hold checkpoints).
-        lm, vision, audio: Hugging Face directories (``config.json`` + safetensors / bin weights).
+        lm: a LLaMA-family / Qwen2 directory (``config.json``, weights, ``tokenizer.json``).
+        vision: a ``CLIPVisionModel`` / ``CLIPModel`` directory.
+        audio: a ``WhisperModel`` / ``WhisperForConditionalGeneration`` directory.
         preset: the preset the rest of the config comes from.
         overrides: ``"section.field=value"`` overrides (e.g. ``parallel.lm_tp=2``).
 

@@ -73,8 +73,8 @@ def test_wrong_batches_name_what_is_wrong(megatron_world, setup, depth):
     loss, _ = _loss(model, {**batch, "modality_inputs": {"depth": good}})
     assert loss.shape == batch["input_ids"].shape
 
-    with pytest.raises(ValueError, match=r"modality 'depth': no inputs for encoder 'stats' \(modality_inputs\['depth'\] "
-                                         r"has \['patches'\]\)"):
+    with pytest.raises(ValueError, match=r"modality 'depth': no inputs for encoder 'stats' "
+                                         r"\(modality_inputs\['depth'\] has \['patches'\]\)"):
         _loss(model, {**batch, "modality_inputs": {"depth": {"patches": {"depth": pixels}}}})
     with pytest.raises(ValueError, match=r"modality 'depth', encoder 'patches': missing input 'depth' "
                                          r"\(modality_inputs\['depth'\]\['patches'\] has \['pixels'\]\)"):
