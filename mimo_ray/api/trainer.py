@@ -23,7 +23,7 @@ from typing import Any
 from megatron.core.models.mimo import MimoModelConfig
 
 from mimo_ray.config import Config
-from mimo_ray.model.spec_source import build_mimo_config, config_for_spec, spec_fingerprint
+from mimo_ray.model.spec_source import build_mimo_config, call_factory, config_for_spec, spec_fingerprint
 
 log = logging.getLogger("mimo_ray")
 
@@ -59,11 +59,7 @@ def resolve_spec(cfg: Config, mimo_config: SpecLike) -> tuple[Config, MimoModelC
             cfg = dataclasses.replace(
                 cfg, model=dataclasses.replace(cfg.model, spec_factory=f"{module}:{qualname}")
             )
-        spec = mimo_config(cfg)
-        if not isinstance(spec, MimoModelConfig):
-            raise TypeError(f"mimo_config factory {qualname or mimo_config!r} returned {type(spec).__name__}, "
-                            "not a MimoModelConfig")
-        mimo_config = spec
+        mimo_config = call_factory(mimo_config, cfg, f"mimo_config factory {qualname or mimo_config!r}")
     if mimo_config is None:
         spec = build_mimo_config(cfg)
         source = "factory" if cfg.model.spec_factory else "config"

@@ -40,25 +40,48 @@ def load_spec_factory(path: str) -> Any:
     return factory
 
 
+_IN_FACTORY: list[str] = []  # the factory being called (its own build_mimo_config(cfg) gets our base spec)
+
+
 def build_mimo_config(cfg: Config) -> MimoModelConfig:
     """The ``MimoModelConfig`` the runtimes build from ``cfg``: the spec factory's when ``model.spec_factory`` is
     set, else ours (the LM and the modalities of ``model.modalities``, vocabulary padded for ``parallel.lm_tp``).
 
     A user may add or replace entries of ``modality_submodules_spec`` / ``special_token_ids`` of the result and
-    pass it to :class:`mimo_ray.Trainer` as ``mimo_config``.
+    pass it to :class:`mimo_ray.Trainer` as ``mimo_config``. Called inside a spec factory it returns our base spec:
+    the LM and those of ``model.modalities`` we build (the factory adds its own).
 
     Raises:
         ValueError: ``model.modalities`` names a modality we build no spec for (and there is no factory), or the
             factory does not return a ``MimoModelConfig``.
     """
+    if _IN_FACTORY:
+        from mimo_ray.config import MODALITIES
+
+        ours = [m for m in cfg.model.modalities if m in MODALITIES]
+        base = mimo_config(cfg.model, modalities=ours, lm_tp=cfg.parallel.lm_tp)
+        base.special_token_ids = {m: cfg.model.special_token_ids[m] for m in ours}
+        return base
     if cfg.model.spec_factory:
-        spec = load_spec_factory(cfg.model.spec_factory)(cfg)
-        if not isinstance(spec, MimoModelConfig):
-            raise ValueError(
-                f"model.spec_factory={cfg.model.spec_factory!r} returned {type(spec).__name__}, not a MimoModelConfig"
-            )
-        return spec
+        name = f"model.spec_factory={cfg.model.spec_factory!r}"
+        return call_factory(load_spec_factory(cfg.model.spec_factory), cfg, name)
     return mimo_config(cfg.model, lm_tp=cfg.parallel.lm_tp)
+
+
+def call_factory(factory: Any, cfg: Config, name: str) -> MimoModelConfig:
+    """Run a spec factory (inside it, :func:`build_mimo_config` gives our base spec).
+
+    Raises:
+        TypeError: it returned something else than a ``MimoModelConfig`` (naming it).
+    """
+    _IN_FACTORY.append(name)
+    try:
+        spec = factory(cfg)
+    finally:
+        _IN_FACTORY.pop()
+    if not isinstance(spec, MimoModelConfig):
+        raise TypeError(f"{name} returned {type(spec).__name__}, not a MimoModelConfig")
+    return spec
 
 
 def resolve_mimo_config(cfg: Config, spec: MimoModelConfig | None) -> MimoModelConfig:

@@ -124,3 +124,41 @@ def test_user_modality_decoded_by_a_user_function_in_ray_data(ray_local, tmp_pat
         assert [(q["id"], q["stage"]) for q in quarantined] == [("d-corrupt", "decode")]
         assert "modality 'depth': decode function read_depth raised FileNotFoundError" in quarantined[0]["error"]
     assert max(abs(a - b) / abs(b) for a, b in zip(losses["disaggregated"], losses["fused"], strict=True)) <= REL
+
+
+def test_a_run_from_a_spec_factory_resumes_and_infers_from_the_command_line(ray_local, tmp_path):
+    """``mimo_config="pkg.mod:fn"`` and ``data.decoders`` are recorded in the run's config: ``jobs/train.py
+    --resume`` and ``jobs/infer.py`` rebuild the user's model and decode its modality with nothing else given."""
+    sys.path.insert(0, str(ROOT))
+    from jobs import infer as infer_job
+    from jobs import train as train_job
+
+    rows = []
+    for k in range(12):
+        path = tmp_path / f"d{k}.npy"
+        np.save(path, np.full((1, 16, 16), 0.8 if k % 2 else 0.2, dtype=np.float32))
+        rows.append({"id": f"d-{k}", "depth": str(path),
+                     "conversations": _conv("<depth>How far?", "far" if k % 2 else "near")})
+    manifest = tmp_path / "depth.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run = tmp_path / "run"
+    cfg = mimo_ray.load_config("tiny", {
+        "model.modalities": [], "model.modality_tokens": {"depth": 5}, "model.lm.seq_length": 64,
+        "data.decoders": {"depth": "examples.custom_modality:read_depth"},  # importable from the repo root
+        "train": {"runtime": "fused", "max_steps": 2, "output_dir": str(run), "ckpt_interval": 1},
+    })
+    with mimo_ray.Trainer(cfg, mimo_config="examples.custom_modality:depth_model", data=manifest) as trainer:
+        first = trainer.fit()["losses"]
+    saved = mimo_ray.load_config(run / "config.yaml")
+    assert saved.model.spec_factory == "examples.custom_modality:depth_model" and saved.model.modalities == ["depth"]
+    summary = train_job.main(["--config", str(run / "config.yaml"), "--resume", "--max-steps", "4",
+                              "--data-path", str(manifest)])
+    assert summary["steps"] == 4 and summary["resumed_from"].endswith("step_0000002")
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["loss"] for m in metrics if m.get("split") == "train"][:2] == first
+    out = tmp_path / "preds.jsonl"
+    infer_job.main(["--checkpoint", str(run), "--data-path", str(manifest), "--output", str(out),
+                    "--runtime", "fused", "--infer.max_new_tokens=4"])
+    preds = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted(p["id"] for p in preds) == sorted(r["id"] for r in rows)
+    assert all(p["prediction"] is not None and p["num_generated_tokens"] > 0 for p in preds)
