@@ -383,6 +383,14 @@ class DataConfig:
     _path = "data"
     data_path: str | None = None
     val_path: str | None = None
+    # Roots for relative media paths of each field (LLaVA: image paths are relative to an image folder); unset =
+    # the manifest's own folder. Absolute paths in a manifest are used as they are.
+    image_folder: str | None = None
+    video_folder: str | None = None
+    audio_folder: str | None = None
+    # How images and video frames become the encoder's square input: "pad" (LLaVA's expand2square: pad the short
+    # side with the CLIP mean colour, then resize), "crop" (resize the short side, centre crop) or "stretch".
+    image_aspect: str = "pad"
     tokenizer: str = "byte"
     # Chat template: None (the built-in "<bos><|user|>{human}<|assistant|>{answer}<eos>"), a template string or a
     # file holding one ({human}/{answer} placeholders, or a Hugging Face Jinja template), or "none" (raw text).
@@ -402,6 +410,7 @@ class DataConfig:
     def __post_init__(self) -> None:
         _check_positive(self, "micro_batch_size", "global_batch_size", "num_decode_workers", "decode_timeout_s")
         _check_positive(self, "decode_retries", "decode_retry_epochs", allow_zero=True)
+        _check_choice("data.image_aspect", self.image_aspect, ("pad", "crop", "stretch"))
         if not 0.0 <= self.max_bad_fraction <= 1.0:
             raise ValueError(f"data.max_bad_fraction={self.max_bad_fraction} must be within [0, 1]")
 
