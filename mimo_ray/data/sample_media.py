@@ -38,6 +38,7 @@ class MediaSpec:
     hop_length: int
     fbank_bins: int
     shapes: tuple[tuple[str, tuple[int, ...]], ...]
+    image_aspect: str = "pad"
 
     @classmethod
     def from_config(cls, cfg: Any) -> MediaSpec:
@@ -56,6 +57,7 @@ class MediaSpec:
             hop_length=a.hop_length,
             fbank_bins=a.fbank_bins,
             shapes=tuple((m, tuple(input_shape(cfg, m))) for m in cfg.model.modalities),
+            image_aspect=cfg.data.image_aspect,
         )
 
     def shape(self, modality: str) -> tuple[int, ...]:
@@ -92,9 +94,11 @@ def decode_media(request: dict[str, Any], spec: MediaSpec) -> dict[str, np.ndarr
     size = (spec.img_size, spec.img_size)
     if "video" in spec.modalities:
         rng = np.random.default_rng([*seed, 0])
-        out["video"] = decode_video(request["video"], spec.num_frames, size, train=train, rng=rng)
+        out["video"] = decode_video(
+            request["video"], spec.num_frames, size, train=train, rng=rng, aspect=spec.image_aspect
+        )
     if "images" in spec.modalities:
-        out["images"] = decode_image(request["image"], size)[0]
+        out["images"] = decode_image(request["image"], size, spec.image_aspect)[0]
     if "audio" in spec.modalities:
         rng = np.random.default_rng([*seed, 1])
         if request.get("audio"):
