@@ -465,6 +465,10 @@ class ParallelConfig:
             raise ValueError(f"parallel.transport={self.transport!r} needs parallel.use_gpu=true")
 
 
+#: What ``train.init_from_modules`` may name (``model.freeze``'s parts plus the output decoders).
+INIT_MODULES = ("vision", "audio", "projections", "lm", "decoders")
+
+
 @dataclass
 class TrainConfig:
     """Optimisation, checkpointing and recovery."""
@@ -490,6 +494,11 @@ class TrainConfig:
     resume: bool = False
     # Start afresh in an output_dir that holds another run's checkpoints, deleting them.
     overwrite: bool = False
+    # Staged training (LLaVA stage 1 -> 2): a NEW run (own run id, step 0, fresh optimizer and LR schedule) whose
+    # weights come from another run's checkpoint (a run dir, its checkpoints/ or a step_<N>; any runtime or TP size).
+    init_from: str | None = None
+    # Which parts to take from init_from: any of vision, audio, projections, lm, decoders ([]: all it holds).
+    init_from_modules: list[str] = field(default_factory=list)
     max_failures: int = 2
     step_timeout_s: float = 300.0
     # fp16 only (model.params_dtype=fp16): "dynamic" loss scaling (Megatron's rules) is required; bf16/fp32 ignore it.
@@ -508,6 +517,10 @@ class TrainConfig:
         _check_positive(self, "ckpt_interval", "keep_checkpoints", "eval_interval", "max_failures", allow_zero=True)
         if self.resume and self.overwrite:
             raise ValueError("train.resume and train.overwrite exclude each other; pass --resume or --overwrite")
+        for part in self.init_from_modules:
+            _check_choice("train.init_from_modules[]", part, INIT_MODULES)
+        if self.init_from_modules and not self.init_from:
+            raise ValueError("train.init_from_modules is set but train.init_from is not; pass --init-from CHECKPOINT")
 
 
 @dataclass

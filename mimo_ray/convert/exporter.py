@@ -22,56 +22,21 @@ from mimo_ray.config import Config
 from mimo_ray.config_cli import config_from_dict
 from mimo_ray.convert.hf_dir import HFDir
 from mimo_ray.convert.importer import clip_prefix, whisper_prefix
-from mimo_ray.convert.mapping import Rule, clip_rules, lm_rules, lm_tp_layout, split, whisper_rules
-from mimo_ray.parallel import imported_layout as layout
-from mimo_ray.parallel.tp_shards import unshard
+from mimo_ray.convert.mapping import Rule, clip_rules, lm_rules, split, whisper_rules
 
-ENCODER_ROLE_PREFIX = {"encoder": "modality_submodules.", "fused": ""}
 SKIP_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
 def full_state(step: Path, cfg: Config) -> dict[str, torch.Tensor]:
-    """Every tensor of a checkpoint under the fused model's names, TP shards joined.
+    """Every tensor of a checkpoint under the fused model's names, TP shards joined
+    (:func:`mimo_ray.driver.init_from.checkpoint_full_state`).
 
     Raises:
         ValueError: the checkpoint holds no model files.
     """
-    state: dict[str, torch.Tensor] = {}
-    if layout.is_imported(step):
-        manifest = layout.read_manifest(step)
-        for part in manifest["parts"]:
-            if part != layout.LM_PART:
-                state.update(torch.load(layout.part_file(step, part), weights_only=True, mmap=True))
-        if layout.LM_PART in manifest["parts"]:
-            shards = [torch.load(layout.part_file(step, layout.LM_PART, r), weights_only=True, mmap=True)
-                      for r in range(manifest["lm_tp"])]
-            state.update(_join(shards, cfg))
-        return state
-    files = sorted(step.glob("*/tp*.pt"))
-    if not files:
-        raise ValueError(f"checkpoint {str(step)!r} holds no model files (<role>/tp<k>.pt or imported/)")
-    lm_shards: dict[int, dict[str, torch.Tensor]] = {}
-    for file in files:
-        role = file.parent.name
-        model = torch.load(file, map_location="cpu", weights_only=True, mmap=True)["model"]
-        if role == "lm":
-            lm_shards[int(file.stem[2:])] = model
-        elif role.split("-")[0] in ENCODER_ROLE_PREFIX:
-            prefix = ENCODER_ROLE_PREFIX[role.split("-")[0]]
-            state.update({prefix + k: v for k, v in model.items()})
-    if lm_shards:
-        state.update(_join([lm_shards[r] for r in sorted(lm_shards)], cfg))
-    return state
+    from mimo_ray.driver.init_from import checkpoint_full_state
 
-
-def _join(shards: list[dict[str, torch.Tensor]], cfg: Config) -> dict[str, torch.Tensor]:
-    if len(shards) == 1:
-        return dict(shards[0])
-    out = {}
-    for key, value in shards[0].items():
-        where = lm_tp_layout(key, cfg.model.lm.swiglu)
-        out[key] = unshard([s[key] for s in shards], *where) if where else value
-    return out
+    return checkpoint_full_state(step, cfg.model.lm.swiglu)
 
 
 def _export_tensors(rules: list[Rule], state: dict[str, torch.Tensor], rows: dict[str, int] | None = None,
