@@ -517,6 +517,11 @@ class TrainConfig:
         _check_positive(self, "ckpt_interval", "keep_checkpoints", "eval_interval", "max_failures", allow_zero=True)
         if self.resume and self.overwrite:
             raise ValueError("train.resume and train.overwrite exclude each other; pass --resume or --overwrite")
+        if self.min_lr > self.lr:
+            raise ValueError(
+                f"train.min_lr={self.min_lr} exceeds train.lr={self.lr}: the cosine schedule would rise after warm-up; "
+                "set --train.min_lr (LLaVA decays to 0: --train.min_lr=0)"
+            )
         for part in self.init_from_modules:
             _check_choice("train.init_from_modules[]", part, INIT_MODULES)
         if self.init_from_modules and not self.init_from:

@@ -60,7 +60,7 @@ def test_two_stages_with_init_from_then_export(tmp_path: Path, ray_local) -> Non
     manifest.write_text(json.dumps(good[:5] + broken + good[5:], indent=1))
     run1, run2 = tmp_path / "run1", tmp_path / "run2"
     s1 = train_job.main([*MODEL, "--data-path", str(manifest), f"--data.image_folder={images}", "--max-steps", "3",
-                         "--lr", "1e-3", "--model.freeze=[vision,lm]", "--output-dir", str(run1)])  # fmt: skip
+                         "--lr", "1e-3", "--train.min_lr=0", "--model.freeze=[vision,lm]", "--output-dir", str(run1)])  # fmt: skip
     assert s1["steps"] == 3 and s1["frozen_parts"] == ["vision", "lm"]
     bad = [json.loads(line) for line in (run1 / "quarantine.jsonl").read_text().splitlines()]
     assert sorted(r["id"] for r in bad) == ["gone", "stage1.json:5", "stage1.json:6"]  # only the broken rows
@@ -72,7 +72,7 @@ def test_two_stages_with_init_from_then_export(tmp_path: Path, ray_local) -> Non
     manifest2 = tmp_path / "stage2.json"
     manifest2.write_text(json.dumps(image_rows(images, "s2-", 8)))
     s2 = train_job.main([*MODEL, "--data-path", str(manifest2), f"--data.image_folder={images}", "--max-steps", "2",
-                         "--lr", "2e-5", "--model.freeze=[vision]", "--init-from", str(run1),
+                         "--lr", "2e-5", "--train.min_lr=0", "--model.freeze=[vision]", "--init-from", str(run1),
                          "--output-dir", str(run2)])  # fmt: skip
     assert s2["steps"] == 2 and s2["run_id"] != s1["run_id"] and s2["quarantined"] == 0
     assert s2["init_from"]["checkpoint"] == str(ckpt.resolve(run1))

@@ -25,11 +25,16 @@ OVER = ["model.modalities=[video,audio]", "model.vision.tokens_per_frame=4", "mo
 
 @pytest.fixture(scope="module")
 def trained_run(hf_dirs, tmp_path_factory) -> Path:
-    """A run imported from tiny HF models, trained one fused step (so it holds trained projectors)."""
-    run = tmp_path_factory.mktemp("run")
+    """A run started with --init-from a step-0 import of tiny HF models, trained one fused step (so it holds
+    trained projectors)."""
+    imported, run = tmp_path_factory.mktemp("imported"), tmp_path_factory.mktemp("run")
     lm, vision, audio = (str(hf_dirs[k]) for k in ("llama_small_vocab", "clip", "whisper"))
-    import_run(lm, vision, audio, str(run), "tiny", [*OVER, "data.micro_batch_size=2", "data.global_batch_size=2"])
-    train_main(["--config", str(run / "config.yaml"), "--resume", "--runtime", "fused", "--max-steps", "1"])
+    import_run(lm, vision, audio, str(imported), "tiny", OVER)
+    train_main(["--config", str(imported / "config.yaml"), "--init-from", str(imported), "--output-dir", str(run),
+                "--runtime", "fused", "--max-steps", "1", "--data.micro_batch_size=2", "--data.global_batch_size=2"])
+    # Every imported tensor arrived: the LM, CLIP and Whisper weights before the step equal the import's.
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["init_from"] == {"checkpoint": str(ckpt.resolve(imported)), "modules": ["audio", "lm", "vision"]}
     return run
 
 

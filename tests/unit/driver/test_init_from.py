@@ -49,7 +49,7 @@ def test_init_from_starts_a_new_run_at_step_0_with_the_source_weights(stage1: Pa
     source = checkpoint_full_state(ckpt.resolve(stage1), swiglu=False)
     out = tmp_path / "stage2"
     params, loop = weights_at_step0(
-        ["--init-from", str(stage1), "--max-steps", "1", "--lr", "2e-5", "--output-dir", str(out)]
+        ["--init-from", str(stage1), "--max-steps", "1", "--lr", "2e-5", "--train.min_lr=0", "--output-dir", str(out)]
     )
     assert len(params) > 50
     for name, value in params.items():
@@ -142,5 +142,7 @@ def test_bad_sources_fail_before_training(stage1: Path, tmp_path: Path) -> None:
         )
     with pytest.raises(SystemExit, match="is a checkpoint of this run's own --output-dir"):
         train_main(["--preset", "tiny", *BASE, "--init-from", str(stage1), "--output-dir", str(stage1), "--overwrite"])
+    with pytest.raises(ValueError, match=r"train.min_lr=0.0001 exceeds train.lr=2e-05"):
+        load_config("tiny", [*BASE, "--lr", "2e-5"])
     with pytest.raises(ValueError, match=r"train.init_from_modules\[\]='heads' is not allowed"):
         load_config("tiny", [*BASE, "--init-from", str(stage1), "--init-from-modules=[heads]"])
