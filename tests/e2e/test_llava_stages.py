@@ -60,7 +60,8 @@ def test_two_stages_with_init_from_then_export(tmp_path: Path, ray_local) -> Non
     manifest.write_text(json.dumps(good[:5] + broken + good[5:], indent=1))
     run1, run2 = tmp_path / "run1", tmp_path / "run2"
     s1 = train_job.main([*MODEL, "--data-path", str(manifest), f"--data.image_folder={images}", "--max-steps", "3",
-                         "--lr", "1e-3", "--train.min_lr=0", "--model.freeze=[vision,lm]", "--output-dir", str(run1)])  # fmt: skip
+                         "--lr", "1e-3", "--train.min_lr=0", "--model.freeze=[vision,lm]",
+                         "--output-dir", str(run1)])  # fmt: skip
     assert s1["steps"] == 3 and s1["frozen_parts"] == ["vision", "lm"]
     bad = [json.loads(line) for line in (run1 / "quarantine.jsonl").read_text().splitlines()]
     assert sorted(r["id"] for r in bad) == ["gone", "stage1.json:5", "stage1.json:6"]  # only the broken rows
@@ -111,3 +112,29 @@ def test_llava_video_rows_validate(tmp_path: Path, ray_local, synthetic_module) 
     cfg = load_config("tiny", ["--model.modalities=[video]", f"--data.video_folder={videos}"])
     report = validate_manifest(cfg, str(path))
     assert report["rows"] == 5 and report["ok"] == 4 and [r["id"] for r in report["bad_rows"]] == ["no-conv"]
+
+
+def test_init_from_a_fused_run_into_disaggregated_lm_tp2(tmp_path: Path, ray_local) -> None:
+    # Stage 1 fused (random data); stage 2 on encoder + two LM tensor-parallel actors: each LM rank slices the full
+    # LM itself, and the parameters at step 0 (TP-gathered) equal stage 1's bit for bit.
+    from mimo_ray.config_cli import load_config as load
+    from mimo_ray.driver.train_loop import TrainLoop
+
+    base = ["--data.micro_batch_size=2", "--data.global_batch_size=2", "--train.min_lr=0"]
+    train_job.main(["--preset", "tiny", "--runtime", "fused", *base, "--max-steps", "2", "--output-dir",
+                    str(tmp_path / "s1")])  # fmt: skip
+    cfg = load("tiny", [*base, "--runtime", "disaggregated", "parallel.lm_tp=2", "--max-steps", "1", "--lr", "2e-5",
+                        "--init-from", str(tmp_path / "s1"), "--output-dir", str(tmp_path / "s2")])  # fmt: skip
+    seen: dict[str, torch.Tensor] = {}
+
+    def hook(step: int) -> None:
+        if step == 0:
+            seen.update(loop.runtime.named_parameters_full())
+
+    with TrainLoop.build(cfg, on_step_start=hook) as loop:
+        summary = loop.run()
+    source = checkpoint_full_state(ckpt.resolve(tmp_path / "s1"), swiglu=False)
+    assert summary["steps"] == 1 and len(seen) > 50
+    for name, value in seen.items():
+        assert torch.equal(value, source[name]), name
+    assert sorted(p.name for p in (ckpt.resolve(tmp_path / "s2") / "lm").iterdir()) == ["tp0.pt", "tp1.pt"]

@@ -146,3 +146,26 @@ def test_bad_sources_fail_before_training(stage1: Path, tmp_path: Path) -> None:
         load_config("tiny", [*BASE, "--lr", "2e-5"])
     with pytest.raises(ValueError, match=r"train.init_from_modules\[\]='heads' is not allowed"):
         load_config("tiny", [*BASE, "--init-from", str(stage1), "--init-from-modules=[heads]"])
+
+
+def test_each_lm_rank_slices_the_full_lm_for_its_tp_size(stage1: Path, tmp_path: Path) -> None:
+    from mimo_ray.driver.init_from import prepare_init
+    from mimo_ray.parallel.imported_layout import imported_state
+    from mimo_ray.parallel.tp_shards import unshard
+
+    cfg = load_config("tiny", [*BASE, "--init-from", str(stage1), "--output-dir", str(tmp_path / "tp2")])
+    init = prepare_init(cfg)
+    source = checkpoint_full_state(ckpt.resolve(stage1), swiglu=False)
+    lm_keys = [k for k in source if k.startswith("language_model.") and not k.endswith("_extra_state")]
+    vocab = source["language_model.embedding.word_embeddings.weight"].shape[0]
+    ranks = [imported_state(init, lm_keys, "", r, 2, vocab_rows=vocab)[0] for r in range(2)]
+    sliced = 0
+    for key in lm_keys:
+        where = lm_tp_layout(key, False)
+        if where is None:
+            assert torch.equal(ranks[0][key], source[key]) and torch.equal(ranks[1][key], source[key]), key
+            continue
+        sliced += 1
+        assert ranks[0][key].shape[where[0]] * 2 == source[key].shape[where[0]], key
+        assert torch.equal(unshard([ranks[0][key], ranks[1][key]], *where), source[key]), key
+    assert sliced >= 6
