@@ -12,6 +12,7 @@ at stage ``manifest``), so rows in = rows out + rows quarantined holds from the 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+
+log = logging.getLogger("mimo_ray")
 
 MEDIA_FIELDS = ("video", "audio", "image")
 #: The media field that carries each modality.
@@ -107,9 +110,9 @@ def read_manifest(path: str | os.PathLike, folders: dict[str, str | None] | None
             Absolute paths are used as they are.
 
     Raises:
-        ValueError: the file does not exist, has an unknown format, holds no rows, or a JSON array is not valid JSON
-            (naming the path, the element index and the byte offset; rows are usable JSON or not, the array's
-            syntax is the file's).
+        ValueError: the file does not exist, has an unknown format or holds no rows. An array element that is not
+            valid JSON becomes an error row (``row N is not valid JSON``), not an error of the file
+            (:mod:`mimo_ray.data.json_array`).
     """
     path = Path(path).resolve()
     if not path.is_file():
@@ -168,11 +171,17 @@ def _read_json_array(path: Path) -> Iterator[tuple[int, Any, str | None]]:
             for rec in ijson.items(f, "item", use_float=True):
                 yield index, rec, None
                 index += 1
+            return
         except ijson.JSONError as err:
-            raise ValueError(
-                f"data manifest {str(path)!r}: the JSON array is not valid JSON at element {index} "
-                f"(near byte {f.tell()}; {index} rows before it read): {err}"
-            ) from err
+            offset = f.tell()
+            failure = err
+    # Invalid JSON inside the array: continue with the bracket scanner from the element that failed, so that one
+    # element becomes an error row and the ones after it are still read.
+    log.warning("data manifest %s: invalid JSON at element %d (near byte %d: %s); scanning the rest element by "
+                "element", path, index, offset, failure)  # fmt: skip
+    from mimo_ray.data.json_array import scan_array
+
+    yield from scan_array(path, start=index)
 
 
 def _read_jsonl(path: Path) -> Iterator[tuple[int, Any, str | None]]:

@@ -97,11 +97,28 @@ def test_malformed_rows_are_error_rows_naming_index_and_id(tmp_path: Path) -> No
         assert [r["error"] for r in table if r["row"] in (0, 6)] == [None, None]
 
 
-def test_a_json_syntax_error_names_the_element_and_offset(tmp_path: Path) -> None:
-    text = json.dumps(LLAVA_ROWS[:2])[:-1] + ', {"id": "c", "conversations": [}]'
+def test_an_element_with_a_json_syntax_error_is_one_error_row(tmp_path: Path, monkeypatch) -> None:
+    text = json.dumps(LLAVA_ROWS[:2])[:-1] + ', {"id": "c", "conversations": [}], ' + json.dumps(LLAVA_ROWS[2]) + "]"
     (tmp_path / "broken.json").write_text(text)
-    with pytest.raises(ValueError, match=r"broken\.json'?: the JSON array is not valid JSON at element 2 \(near byte"):
-        read_manifest(tmp_path / "broken.json")
+    rows = read_manifest(tmp_path / "broken.json").table.to_pylist()
+    assert [(r["row"], r["id"]) for r in rows] == [(0, "000000033471"), (1, "v_0001"), (2, "broken.json:2"), (3, "abs")]
+    assert rows[2]["error"].startswith("row 2 is not valid JSON: Expecting value")
+    assert [r["error"] for r in rows if r["row"] != 2] == [None, None, None]
+    # A file cut inside an element: the rows before it, and that element as an error row.
+    (tmp_path / "cut.json").write_text(text[: text.index('{"id": "c"') + 12])
+    cut = read_manifest(tmp_path / "cut.json").table.to_pylist()
+    assert [r["error"] for r in cut] == [None, None, "row 2 is not valid JSON: the array ends inside it"]
+
+
+def test_the_fallback_scanner_is_exact_across_chunk_boundaries(tmp_path: Path, monkeypatch) -> None:
+    import mimo_ray.data.json_array as json_array
+
+    tricky = [{"id": f"r{i}", "value": 'a\\"b, ] } [ {' * (i % 3), "n": [1, {"x": [2]}]} for i in range(300)]
+    path = write_array(tmp_path / "t.json", tricky)
+    for chunk in (5, 7, 64, 4096):  # escapes, quotes and brackets split at every kind of boundary
+        monkeypatch.setattr(json_array, "_CHUNK", chunk)
+        assert [rec for _, rec, _ in json_array.scan_array(path)] == tricky, chunk
+        assert [i for i, _, _ in json_array.scan_array(path, start=297)] == [297, 298, 299]
 
 
 def test_json_arrays_are_streamed_not_loaded_whole(tmp_path: Path) -> None:
