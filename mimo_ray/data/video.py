@@ -90,11 +90,11 @@ def decode_video(
     height, width = out_size
     name = describe(source)
     src = checked_source(source)
+    if aspect not in ASPECT_MODES:
+        raise ValueError(f"aspect must be one of {ASPECT_MODES}, got {aspect!r}")
     native = _native_size(src) if aspect != "stretch" else None
     if native is not None and not same_aspect(*native, out_size):
         height, width = native  # decode at the native size; fitted below
-    if aspect not in ASPECT_MODES:
-        raise ValueError(f"aspect must be one of {ASPECT_MODES}, got {aspect!r}")
     try:
         reader = decord.VideoReader(src, width=width, height=height, num_threads=num_threads)
         num_total = len(reader)
