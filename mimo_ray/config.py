@@ -413,6 +413,14 @@ class DataConfig:
     _path = "data"
     data_path: str | None = None
     val_path: str | None = None
+    # Roots for relative media paths of each field (LLaVA: image paths are relative to an image folder); unset =
+    # the manifest's own folder. Absolute paths in a manifest are used as they are.
+    image_folder: str | None = None
+    video_folder: str | None = None
+    audio_folder: str | None = None
+    # How images and video frames become the encoder's square input: "pad" (LLaVA's expand2square: pad the short
+    # side with the CLIP mean colour, then resize), "crop" (resize the short side, centre crop) or "stretch".
+    image_aspect: str = "pad"
     tokenizer: str = "byte"
     # Chat template: None (the built-in "<bos><|user|>{human}<|assistant|>{answer}<eos>"), a template string or a
     # file holding one ({human}/{answer} placeholders, or a Hugging Face Jinja template), or "none" (raw text).
@@ -435,6 +443,7 @@ class DataConfig:
     def __post_init__(self) -> None:
         _check_positive(self, "micro_batch_size", "global_batch_size", "num_decode_workers", "decode_timeout_s")
         _check_positive(self, "decode_retries", "decode_retry_epochs", allow_zero=True)
+        _check_choice("data.image_aspect", self.image_aspect, ("pad", "crop", "stretch"))
         if not 0.0 <= self.max_bad_fraction <= 1.0:
             raise ValueError(f"data.max_bad_fraction={self.max_bad_fraction} must be within [0, 1]")
 
@@ -489,6 +498,10 @@ class ParallelConfig:
             raise ValueError(f"parallel.transport={self.transport!r} needs parallel.use_gpu=true")
 
 
+#: What ``train.init_from_modules`` may name (``model.freeze``'s parts plus the output decoders).
+INIT_MODULES = ("vision", "audio", "projections", "lm", "decoders")
+
+
 @dataclass
 class TrainConfig:
     """Optimisation, checkpointing and recovery."""
@@ -514,6 +527,11 @@ class TrainConfig:
     resume: bool = False
     # Start afresh in an output_dir that holds another run's checkpoints, deleting them.
     overwrite: bool = False
+    # Staged training (LLaVA stage 1 -> 2): a NEW run (own run id, step 0, fresh optimizer and LR schedule) whose
+    # weights come from another run's checkpoint (a run dir, its checkpoints/ or a step_<N>; any runtime or TP size).
+    init_from: str | None = None
+    # Which parts to take from init_from: any of vision, audio, projections, lm, decoders ([]: all it holds).
+    init_from_modules: list[str] = field(default_factory=list)
     max_failures: int = 2
     step_timeout_s: float = 300.0
     # fp16 only (model.params_dtype=fp16): "dynamic" loss scaling (Megatron's rules) is required; bf16/fp32 ignore it.
@@ -532,6 +550,15 @@ class TrainConfig:
         _check_positive(self, "ckpt_interval", "keep_checkpoints", "eval_interval", "max_failures", allow_zero=True)
         if self.resume and self.overwrite:
             raise ValueError("train.resume and train.overwrite exclude each other; pass --resume or --overwrite")
+        if self.min_lr > self.lr:
+            raise ValueError(
+                f"train.min_lr={self.min_lr} exceeds train.lr={self.lr}: the cosine schedule would rise after warm-up; "
+                "set --train.min_lr (LLaVA decays to 0: --train.min_lr=0)"
+            )
+        for part in self.init_from_modules:
+            _check_choice("train.init_from_modules[]", part, INIT_MODULES)
+        if self.init_from_modules and not self.init_from:
+            raise ValueError("train.init_from_modules is set but train.init_from is not; pass --init-from CHECKPOINT")
 
 
 @dataclass

@@ -50,6 +50,8 @@ FLAG_ALIASES: dict[str, str] = {
     "--seed": "train.seed",
     "--output-dir": "train.output_dir",
     "--max-failures": "train.max_failures",
+    "--init-from": "train.init_from",
+    "--init-from-modules": "train.init_from_modules",
     "--checkpoint": "infer.checkpoint",
     "--output": "infer.output",
 }

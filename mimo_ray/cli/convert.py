@@ -4,8 +4,9 @@ Import: python jobs/convert.py import --lm hf/vicuna-7b [--vision hf/clip-vit-l-
             --output-dir runs/avlm --preset llava-avlm-7b [--parallel.lm_tp=2 ...]
         → runs/avlm/config.yaml, runs/avlm/tokenizer/, runs/avlm/checkpoints/step_0000000 (train with
           python jobs/train.py --config runs/avlm/config.yaml --resume, or infer with --checkpoint runs/avlm)
-Export: python jobs/convert.py export --checkpoint runs/avlm --output hf_out
-        → hf_out/lm, hf_out/vision, hf_out/audio (what the run holds), each loadable with from_pretrained
+Export: python jobs/convert.py export --checkpoint runs/avlm --output hf_out [--dtype bf16] [--max-shard-size 5GB]
+        → hf_out/lm, hf_out/vision, hf_out/audio (what the run holds), each loadable with from_pretrained, and
+          hf_out/mm_projector.safetensors (LLaVA keys model.mm_projector.0/2.weight/bias), audio_projector.safetensors
 No downloads: every directory is local.
 """
 
@@ -29,7 +30,10 @@ def _parser() -> argparse.ArgumentParser:
     imp.add_argument("--preset", "--config", dest="preset", default="tiny", help="preset name or YAML path")
     exp = sub.add_parser("export", help="a run's checkpoint → HF directories")
     exp.add_argument("--checkpoint", required=True, help="run dir, checkpoints dir or step dir")
-    exp.add_argument("--output", required=True, help="output directory (lm/, vision/, audio/ inside)")
+    exp.add_argument("--output", required=True, help="output directory (lm/, vision/, audio/, *_projector.safetensors)")
+    exp.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"), help="dtype of every weight file")
+    exp.add_argument("--max-shard-size", default="5GB",
+                     help="shard weights past this size, with an index JSON, like save_pretrained (5GB, 500MB)")
     return parser
 
 
@@ -53,7 +57,7 @@ def main(argv: list[str] | None = None) -> dict:
                 raise ValueError(f"export takes no overrides, got {rest}")
             from mimo_ray.convert.exporter import export_run
 
-            out = {k: str(v) for k, v in export_run(ns.checkpoint, ns.output).items()}
+            out = {k: str(v) for k, v in export_run(ns.checkpoint, ns.output, ns.dtype, ns.max_shard_size).items()}
     except (ValueError, KeyError) as err:
         raise SystemExit(f"error: {err}") from None
     print(json.dumps(out, indent=1))

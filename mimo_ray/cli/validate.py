@@ -33,13 +33,13 @@ def validate_manifest(cfg: Config, manifest_path: str) -> dict[str, Any]:
     """
     import numpy as np
 
-    from mimo_ray.data.manifest import read_manifest
+    from mimo_ray.data.manifest import media_folders, read_manifest
     from mimo_ray.data.pipeline import build_dataset
     from mimo_ray.data.tokenizer import ChatTokenizer
     from mimo_ray.model.spec import tokens_per_sample
     from mimo_ray.runtime.placement import stage_cpu_reservation
 
-    manifest = read_manifest(manifest_path)
+    manifest = read_manifest(manifest_path, media_folders(cfg))
     pad_id = ChatTokenizer.from_config(cfg).pad_id
     ds = build_dataset(cfg, "validate", manifest_path=manifest_path, reserved_cpus=stage_cpu_reservation(cfg))
     columns = ["row", "id", "ok", "stage", "error", "path", "tokens"]

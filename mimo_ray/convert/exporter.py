@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,57 +22,36 @@ import torch
 from mimo_ray.config import Config
 from mimo_ray.config_cli import config_from_dict
 from mimo_ray.convert.hf_dir import HFDir
+from mimo_ray.convert.hf_save import DTYPE_NAMES, check_dtype, parse_size, save_weights, set_config_dtype
 from mimo_ray.convert.importer import clip_prefix, whisper_prefix
-from mimo_ray.convert.mapping import Rule, clip_rules, lm_rules, lm_tp_layout, split, whisper_rules
-from mimo_ray.parallel import imported_layout as layout
-from mimo_ray.parallel.tp_shards import unshard
+from mimo_ray.convert.mapping import Rule, clip_rules, lm_rules, split, whisper_rules
 
-ENCODER_ROLE_PREFIX = {"encoder": "modality_submodules.", "fused": ""}
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """How weights are written: ``dtype`` (``fp32``, ``bf16``, ``fp16``) and the largest shard (``"5GB"``)."""
+
+    dtype: str = "fp32"
+    max_shard_size: str | int = "5GB"
+
+    def __post_init__(self) -> None:
+        check_dtype(self.dtype)
+        parse_size(self.max_shard_size)
+
+
 SKIP_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
 def full_state(step: Path, cfg: Config) -> dict[str, torch.Tensor]:
-    """Every tensor of a checkpoint under the fused model's names, TP shards joined.
+    """Every tensor of a checkpoint under the fused model's names, TP shards joined
+    (:func:`mimo_ray.driver.init_from.checkpoint_full_state`).
 
     Raises:
         ValueError: the checkpoint holds no model files.
     """
-    state: dict[str, torch.Tensor] = {}
-    if layout.is_imported(step):
-        manifest = layout.read_manifest(step)
-        for part in manifest["parts"]:
-            if part != layout.LM_PART:
-                state.update(torch.load(layout.part_file(step, part), weights_only=True, mmap=True))
-        if layout.LM_PART in manifest["parts"]:
-            shards = [torch.load(layout.part_file(step, layout.LM_PART, r), weights_only=True, mmap=True)
-                      for r in range(manifest["lm_tp"])]
-            state.update(_join(shards, cfg))
-        return state
-    files = sorted(step.glob("*/tp*.pt"))
-    if not files:
-        raise ValueError(f"checkpoint {str(step)!r} holds no model files (<role>/tp<k>.pt or imported/)")
-    lm_shards: dict[int, dict[str, torch.Tensor]] = {}
-    for file in files:
-        role = file.parent.name
-        model = torch.load(file, map_location="cpu", weights_only=True, mmap=True)["model"]
-        if role == "lm":
-            lm_shards[int(file.stem[2:])] = model
-        elif role.split("-")[0] in ENCODER_ROLE_PREFIX:
-            prefix = ENCODER_ROLE_PREFIX[role.split("-")[0]]
-            state.update({prefix + k: v for k, v in model.items()})
-    if lm_shards:
-        state.update(_join([lm_shards[r] for r in sorted(lm_shards)], cfg))
-    return state
+    from mimo_ray.driver.init_from import checkpoint_full_state
 
-
-def _join(shards: list[dict[str, torch.Tensor]], cfg: Config) -> dict[str, torch.Tensor]:
-    if len(shards) == 1:
-        return dict(shards[0])
-    out = {}
-    for key, value in shards[0].items():
-        where = lm_tp_layout(key, cfg.model.lm.swiglu)
-        out[key] = unshard([s[key] for s in shards], *where) if where else value
-    return out
+    return checkpoint_full_state(step, cfg.model.lm.swiglu)
 
 
 def _export_tensors(rules: list[Rule], state: dict[str, torch.Tensor], rows: dict[str, int] | None = None,
@@ -89,11 +69,8 @@ def _export_tensors(rules: list[Rule], state: dict[str, torch.Tensor], rows: dic
     return out
 
 
-def _save(tensors: dict[str, torch.Tensor], out: Path) -> None:
-    from safetensors.torch import save_file
-
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+def _save(tensors: dict[str, torch.Tensor], out: Path, opts: ExportOptions) -> None:
+    save_weights(tensors, out, opts.dtype, opts.max_shard_size)
 
 
 def _copy_side_files(src: Path, out: Path) -> None:
@@ -120,7 +97,7 @@ def _with_source(src: HFDir | None, ours: dict[str, torch.Tensor], rows_from_sou
     return out
 
 
-def _lm_config(cfg: Config, source: dict[str, Any] | None) -> dict[str, Any]:
+def _lm_config(cfg: Config, source: dict[str, Any] | None, dtype: str = "fp32") -> dict[str, Any]:
     lm = cfg.model.lm
     base = dict(source) if source else {
         "architectures": ["Qwen2ForCausalLM" if lm.qkv_bias else "LlamaForCausalLM"],
@@ -137,13 +114,13 @@ def _lm_config(cfg: Config, source: dict[str, Any] | None) -> dict[str, Any]:
         "num_key_value_heads": lm.num_query_groups or lm.num_attention_heads,
         "rms_norm_eps": lm.norm_epsilon,
         "tie_word_embeddings": not lm.untie_embeddings_and_output_weights,
-        "torch_dtype": "float32",
+        "torch_dtype": DTYPE_NAMES[dtype],
     })
     base.pop("dtype", None)
     return base
 
 
-def export_lm(cfg: Config, state: dict[str, torch.Tensor], out: Path) -> Path:
+def export_lm(cfg: Config, state: dict[str, torch.Tensor], out: Path, opts: ExportOptions = ExportOptions()) -> Path:
     """The LM as a ``*ForCausalLM`` directory with the run's tokenizer.
 
     Raises:
@@ -156,10 +133,10 @@ def export_lm(cfg: Config, state: dict[str, torch.Tensor], out: Path) -> Path:
     rules = lm_rules(cfg.model, "model.", lm.vocab_size)
     rows = {r.ours: lm.vocab_size for r in rules if r.kind == "rows"}
     tensors = _export_tensors(rules, state, rows)
-    _save(tensors, out)
+    _save(tensors, out, opts)
     src_dir = cfg.model.pretrained.get("lm")
     source = HFDir(src_dir, "model.pretrained.lm").config if src_dir and Path(src_dir).is_dir() else None
-    (out / "config.json").write_text(json.dumps(_lm_config(cfg, source), indent=2))
+    (out / "config.json").write_text(json.dumps(_lm_config(cfg, source, opts.dtype), indent=2))
     if cfg.data.tokenizer != "byte":
         tok_dir = Path(cfg.data.tokenizer).parent
         for file in tok_dir.iterdir():
@@ -168,15 +145,17 @@ def export_lm(cfg: Config, state: dict[str, torch.Tensor], out: Path) -> Path:
     return out
 
 
-def export_vision(cfg: Config, state: dict[str, torch.Tensor], modality: str, out: Path) -> Path:
+def export_vision(cfg: Config, state: dict[str, torch.Tensor], modality: str, out: Path,
+                  opts: ExportOptions = ExportOptions()) -> Path:
     """One vision modality's CLIP tower, in the source directory's layout when the run recorded one."""
     src_dir = cfg.model.pretrained.get("vision")
     src = HFDir(src_dir, "model.pretrained.vision") if src_dir and Path(src_dir).is_dir() else None
     prefix = clip_prefix(src) if src is not None else ""
     tensors = _with_source(src, _export_tensors(clip_rules(cfg.model, modality, prefix), state), {})
-    _save(tensors, out)
+    _save(tensors, out, opts)
     if src is not None:
         _copy_side_files(src.path, out)
+        set_config_dtype(out, opts.dtype)
     else:
         v = cfg.model.vision
         (out / "config.json").write_text(json.dumps({
@@ -184,11 +163,13 @@ def export_vision(cfg: Config, state: dict[str, torch.Tensor], modality: str, ou
             "intermediate_size": v.ffn_hidden_size or 4 * v.hidden_size, "num_hidden_layers": v.built_layers,
             "num_attention_heads": v.num_attention_heads, "image_size": v.img_size, "patch_size": v.patch_dim,
             "hidden_act": v.activation, "layer_norm_eps": v.layernorm_epsilon, "num_channels": 3,
+            "torch_dtype": DTYPE_NAMES[opts.dtype],
         }, indent=2))
     return out
 
 
-def export_audio(cfg: Config, state: dict[str, torch.Tensor], out: Path) -> Path:
+def export_audio(cfg: Config, state: dict[str, torch.Tensor], out: Path, opts: ExportOptions = ExportOptions()
+                 ) -> Path:
     """The Whisper encoder inside a copy of the source Whisper directory (its decoder comes from there).
 
     Raises:
@@ -202,32 +183,92 @@ def export_audio(cfg: Config, state: dict[str, torch.Tensor], out: Path) -> Path
     prefix = whisper_prefix(src)
     ours = _export_tensors(whisper_rules(cfg.model, prefix), state)
     tensors = _with_source(src, ours, {f"{prefix}embed_positions.weight": 0})
-    _save(tensors, out)
+    _save(tensors, out, opts)
     _copy_side_files(src.path, out)
+    set_config_dtype(out, opts.dtype)
     return out
 
 
-def export_run(checkpoint: str, output: str) -> dict[str, Path]:
-    """Export every part a run holds: ``lm`` (always), ``vision`` / ``audio`` when those modalities exist.
+#: Megatron ``MultimodalProjector`` names → LLaVA's ``nn.Sequential`` indices (mlp2x_gelu: Linear, GELU, Linear;
+#: ``affine`` is LLaVA's ``linear`` projector, one ``nn.Linear``).
+PROJECTOR_KEYS = {"encoder.linear_fc1.": "0.", "encoder.linear_fc2.": "2.", "encoder.": ""}
 
-    Returns:
-        ``{part: directory}``.
+
+def projector_name(modality: str, cfg: Config) -> str:
+    """LLaVA's ``mm_projector`` for the first vision modality; ``<modality>_projector`` for the others (audio)."""
+    vision = [m for m in cfg.model.modalities if m in ("video", "images")]
+    return "mm_projector" if vision and modality == vision[0] else f"{modality}_projector"
+
+
+def projector_tensors(cfg: Config, state: dict[str, torch.Tensor], modality: str) -> dict[str, torch.Tensor]:
+    """One modality's projector under LLaVA's key names (``model.mm_projector.0.weight``, ...), or ``{}`` when the
+    checkpoint holds none (a step-0 import: projections are not imported).
 
     Raises:
-        ValueError: no complete checkpoint, or a part that cannot be exported (naming why).
+        ValueError: a projector tensor whose name has no LLaVA counterpart (naming it).
+    """
+    root = f"modality_submodules.{modality}.input_projections.0."
+    name = projector_name(modality, cfg)
+    out = {}
+    for key, value in state.items():
+        if not key.startswith(root) or key.endswith("_extra_state") or not isinstance(value, torch.Tensor):
+            continue
+        rest = key[len(root):]
+        ours = next((k for k in PROJECTOR_KEYS if rest.startswith(k)), None)
+        if ours is None:
+            raise ValueError(f"projector tensor {key!r} has no LLaVA name (expected encoder.linear_fc1/2 or encoder.)")
+        out[f"model.{name}.{PROJECTOR_KEYS[ours]}{rest[len(ours):]}"] = value.float().contiguous().clone()
+    return out
+
+
+def export_projectors(cfg: Config, state: dict[str, torch.Tensor], out: Path, opts: ExportOptions = ExportOptions()
+                      ) -> dict[str, Path]:
+    """``out/mm_projector.safetensors`` (LLaVA's layout) and ``out/<modality>_projector.safetensors`` for the others.
+
+    Returns:
+        ``{file stem: path}`` of the files written.
+    """
+    written = {}
+    for modality in cfg.model.modalities:
+        tensors = projector_tensors(cfg, state, modality)
+        if tensors:
+            name = projector_name(modality, cfg)
+            save_weights(tensors, out, opts.dtype, opts.max_shard_size, name=f"{name}.safetensors")
+            written[name] = out / f"{name}.safetensors"
+    return written
+
+
+def export_run(checkpoint: str, output: str, dtype: str = "fp32", max_shard_size: str | int = "5GB"
+               ) -> dict[str, Path]:
+    """Export every part a run holds: ``lm`` (always), ``vision`` / ``audio`` when those modalities exist, and the
+    projectors (``mm_projector``, ``audio_projector``) when the checkpoint holds them.
+
+    Args:
+        checkpoint: a run dir, its ``checkpoints/`` or a ``step_<N>``.
+        output: the folder that receives ``lm/``, ``vision/``, ``audio/`` and ``*_projector.safetensors``.
+        dtype: ``fp32``, ``bf16`` or ``fp16`` for every file (recorded as ``torch_dtype`` in each ``config.json``).
+        max_shard_size: weights past this size are sharded with an index, like ``save_pretrained`` (``"5GB"``).
+
+    Returns:
+        ``{part: directory or file}``.
+
+    Raises:
+        ValueError: no complete checkpoint, a bad dtype or size, or a part that cannot be exported (naming why).
     """
     from mimo_ray.driver import checkpoint as ckpt
 
+    opts = ExportOptions(dtype, max_shard_size)
     step = ckpt.resolve(checkpoint)
     cfg = config_from_dict(json.loads((step / "driver.json").read_text())["config"])
     state = full_state(step, cfg)
     out = Path(output)
-    written: dict[str, Path] = {"lm": export_lm(cfg, state, out / "lm")}
+    written: dict[str, Path] = {"lm": export_lm(cfg, state, out / "lm", opts)}
     vision_mods = [m for m in cfg.model.modalities if m in ("video", "images")]
     for i, mod in enumerate(vision_mods):
         written["vision" if i == 0 else f"vision-{mod}"] = export_vision(
-            cfg, state, mod, out / ("vision" if i == 0 else f"vision-{mod}"))
+            cfg, state, mod, out / ("vision" if i == 0 else f"vision-{mod}"), opts)
     if "audio" in cfg.model.modalities and cfg.model.audio.backbone_type == "whisper" and cfg.model.pretrained.get(
             "audio"):
-        written["audio"] = export_audio(cfg, state, out / "audio")
+        written["audio"] = export_audio(cfg, state, out / "audio", opts)
+    written.update(export_projectors(cfg, state, out, opts))
     return written

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from mimo_ray.config import ModelConfig
+from mimo_ray.parallel.imported_layout import lm_tp_layout  # noqa: F401 - re-exported (importer, exporter, tests)
 
 
 @dataclass
@@ -212,17 +213,6 @@ def lm_rules(model: ModelConfig, hf_prefix: str, hf_vocab: int) -> list[Rule]:
     if lm.untie_embeddings_and_output_weights:
         rules.append(Rule("language_model.output_layer.weight", ("lm_head.weight",), "rows", ((hf_vocab, h),), rows))
     return rules
-
-
-def lm_tp_layout(key: str, swiglu: bool) -> tuple[int, int] | None:
-    """``(partition dim, stride)`` of one of our LM keys under tensor parallelism, ``None`` when replicated."""
-    if key.endswith(("linear_qkv.weight", "linear_qkv.bias", "word_embeddings.weight", "output_layer.weight")):
-        return 0, 1
-    if key.endswith(("linear_fc1.weight", "linear_fc1.bias")):
-        return 0, 2 if swiglu else 1
-    if key.endswith(("linear_proj.weight", "linear_fc2.weight")):
-        return 1, 1
-    return None
 
 
 def find_prefix(keys: set[str] | list[str], probe: str, prefixes: tuple[str, ...], where: str) -> str:

@@ -26,7 +26,7 @@ import pyarrow as pa
 
 from mimo_ray.data.collate import MODALITY_COLUMNS, BatchLayout, bad_row_of
 from mimo_ray.data.decode_hooks import concat_user_media, unpack_user_media
-from mimo_ray.data.manifest import read_manifest
+from mimo_ray.data.manifest import media_folders, read_manifest
 from mimo_ray.data.quarantine import BadBudget, QuarantineLog, quarantine_path
 from mimo_ray.data.ray_dataset import decode_dataset, ensure_ray
 from mimo_ray.data.sample_media import from_transport
@@ -86,7 +86,7 @@ def _infer_dataset(
 
     ensure_ray(cfg)
     tokenizer = tokenizer or ChatTokenizer.from_config(cfg)
-    manifest = read_manifest(manifest_path)
+    manifest = read_manifest(manifest_path, media_folders(cfg))
     plan = EpochPlan(len(manifest), cfg.data.seed, shuffle=False).table(0)
     if skip_ids:
         plan = plan.filter(pa.array([rid not in skip_ids for rid in manifest.ids]))

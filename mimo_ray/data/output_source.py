@@ -47,6 +47,9 @@ def is_output_manifest(path: str | Path) -> bool:
     path = Path(path)
     if path.suffix not in (".jsonl", ".json") or not path.is_file():
         return False
+    with path.open("rb") as f:
+        if not f.read(4096).removeprefix(b"\xef\xbb\xbf").lstrip().startswith(b"{"):
+            return False  # a JSON array or Parquet file: understanding tasks (never read a one-line array whole)
     with path.open(encoding="utf-8") as f:
         for line in f:
             if not line.strip():

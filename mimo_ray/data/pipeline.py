@@ -48,7 +48,7 @@ from mimo_ray.data.bad_memory import BadMemory, BadRowKeeper, BadRowRegistry, me
 from mimo_ray.data.collate import MICROBATCH_SCHEMA, BatchLayout, MicroBatch, MicroBatcher
 from mimo_ray.data.cursor import MicroBatchCursor
 from mimo_ray.data.epoch_plan import EpochPlan
-from mimo_ray.data.manifest import Manifest, read_manifest
+from mimo_ray.data.manifest import Manifest, media_folders, read_manifest
 from mimo_ray.data.prepare import DecodeOptions
 from mimo_ray.data.quarantine import bad_ids, quarantine_path
 from mimo_ray.data.ray_dataset import (
@@ -170,7 +170,7 @@ def build_dataset(
     ensure_ray(cfg)
     import ray
 
-    manifest = read_manifest(manifest_path or _split_path(cfg, split))
+    manifest = read_manifest(manifest_path or _split_path(cfg, split), media_folders(cfg))
     tokenizer = ChatTokenizer.from_config(cfg)
     opts = DecodeOptions.from_config(cfg, SPLIT_MODES[split], tokenizer, ray.put(manifest.table))
     plan = EpochPlan(len(manifest), cfg.data.seed, split == "train" and cfg.data.shuffle)
@@ -279,7 +279,7 @@ class ManifestDataSource(MicroBatchCursor):
         self.split = split
         self.reserved_cpus = float(reserved_cpus)
         self.finite = split != "train"
-        self.manifest: Manifest = read_manifest(manifest_path or _split_path(cfg, split))
+        self.manifest: Manifest = read_manifest(manifest_path or _split_path(cfg, split), media_folders(cfg))
         self.tokenizer = ChatTokenizer.from_config(cfg)
         self.layout = BatchLayout.from_config(cfg)
         self.quarantine_file = quarantine_path(cfg.train.output_dir)

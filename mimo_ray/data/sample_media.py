@@ -38,6 +38,7 @@ class MediaSpec:
     hop_length: int
     fbank_bins: int
     shapes: tuple[tuple[str, tuple[int, ...]], ...]
+    image_aspect: str = "pad"
 
     @classmethod
     def from_config(cls, cfg: Any) -> MediaSpec:
@@ -58,6 +59,7 @@ class MediaSpec:
             hop_length=a.hop_length,
             fbank_bins=a.fbank_bins,
             shapes=tuple((m, tuple(input_shape(cfg, m))) for m in mods),
+            image_aspect=cfg.data.image_aspect,
         )
 
     def shape(self, modality: str) -> tuple[int, ...]:
@@ -126,10 +128,12 @@ def decode_items(request: dict[str, Any], spec: MediaSpec) -> dict[str, np.ndarr
         return np.random.default_rng([*seed, index] if item == 0 else [*seed, index, item])
 
     if "video" in spec.modalities:
-        out["video"] = [decode_video(p, spec.num_frames, size, train=train, rng=item_rng(0, i))
-                        for i, p in enumerate(items("video"))]  # fmt: skip
+        out["video"] = [
+            decode_video(p, spec.num_frames, size, train=train, rng=item_rng(0, i), aspect=spec.image_aspect)
+            for i, p in enumerate(items("video"))
+        ]
     if "images" in spec.modalities:
-        out["images"] = [decode_image(p, size)[0] for p in items("image")]
+        out["images"] = [decode_image(p, size, spec.image_aspect)[0] for p in items("image")]
     if "audio" in spec.modalities:
         from_video = request.get("audio_from") == "video"
         sources = items("video") if from_video else items("audio")

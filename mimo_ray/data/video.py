@@ -8,6 +8,7 @@ import numpy as np
 
 from mimo_ray.data.errors import MediaError
 from mimo_ray.data.media_source import MediaSource, checked_source, describe
+from mimo_ray.media.geometry import ASPECT_MODES, fit_picture, same_aspect
 
 # Message of decord's failed buffer copy for frame widths whose row stride it gets wrong.
 _DECORD_STRIDE_BUG = "DECORDArrayCopyFromTo"
@@ -58,10 +59,13 @@ def decode_video(
     train: bool = False,
     rng: np.random.Generator | None = None,
     num_threads: int = 1,
+    aspect: str = "stretch",
 ) -> np.ndarray:
-    """Decodes ``num_frames`` frames of a video, resized (stretched) to ``size``.
+    """Decodes ``num_frames`` frames of a video, fitted to ``size`` by ``aspect``.
 
-    Frames are picked with :func:`sample_frame_indices` and fetched with a single sorted ``get_batch`` call.
+    Frames are picked with :func:`sample_frame_indices` and fetched with a single sorted ``get_batch`` call. A clip
+    that already has the target's aspect ratio (or ``aspect="stretch"``) is resized by the decoder; otherwise frames
+    are decoded at their native size and padded or cropped (:func:`mimo_ray.media.geometry.fit_picture`).
 
     Args:
         source: Path to the video file, or its bytes.
@@ -70,6 +74,8 @@ def decode_video(
         train: Jitter frame choice (see :func:`sample_frame_indices`).
         rng: Generator for the jitter.
         num_threads: Decoder threads; 1 suits many parallel decode workers, 0 lets FFmpeg choose.
+        aspect: ``pad`` (mean-colour pad to the target ratio, then resize), ``crop`` (resize the short side, centre
+            crop) or ``stretch`` (``data.image_aspect``).
 
     Returns:
         uint8 RGB ``[num_frames, H, W, 3]``.
@@ -80,9 +86,15 @@ def decode_video(
     """
     import decord  # deferred: decord loads FFmpeg libraries, not needed by processes that only tokenise
 
-    height, width = _checked_size(size)
+    out_size = _checked_size(size)
+    height, width = out_size
     name = describe(source)
     src = checked_source(source)
+    if aspect not in ASPECT_MODES:
+        raise ValueError(f"aspect must be one of {ASPECT_MODES}, got {aspect!r}")
+    native = _native_size(src) if aspect != "stretch" else None
+    if native is not None and not same_aspect(*native, out_size):
+        height, width = native  # decode at the native size; fitted below
     try:
         reader = decord.VideoReader(src, width=width, height=height, num_threads=num_threads)
         num_total = len(reader)
@@ -104,7 +116,29 @@ def decode_video(
         frames = _decode_indices_with_av(src, name, indices, height, width)
     if frames.shape != (num_frames, height, width, 3):
         raise MediaError("decode", f"{name}: decoder returned frames of shape {frames.shape}")
+    if (height, width) != out_size:
+        frames = np.stack([fit_picture(frame, out_size, aspect) for frame in frames])
     return np.ascontiguousarray(frames, dtype=np.uint8)
+
+
+def _native_size(src: str | io.BytesIO) -> tuple[int, int] | None:
+    """``(height, width)`` of the first video stream from the container header (PyAV), or None if unknown.
+
+    An unreadable file returns None: the decoder then reports it with its usual stage.
+    """
+    import av
+
+    try:
+        with av.open(src) as container:
+            stream = container.streams.video[0] if container.streams.video else None
+            if stream is None or not stream.width or not stream.height:
+                return None
+            return int(stream.height), int(stream.width)
+    except Exception:  # the decoder below names the failure with its stage
+        return None
+    finally:
+        if isinstance(src, io.BytesIO):
+            src.seek(0)
 
 
 def _decode_indices_with_av(
@@ -139,12 +173,14 @@ def _decode_indices_with_av(
     return frames
 
 
-def decode_image(source: MediaSource, size: tuple[int, int]) -> np.ndarray:
-    """Decodes a still image (PNG, JPEG, ... anything FFmpeg reads), resized (stretched) to ``size``.
+def decode_image(source: MediaSource, size: tuple[int, int], aspect: str = "stretch") -> np.ndarray:
+    """Decodes a still image (PNG, JPEG, ... anything FFmpeg reads), fitted to ``size`` by ``aspect``.
 
     Args:
         source: Path to the image file, or its bytes.
         size: Output ``(height, width)`` in pixels.
+        aspect: ``pad``, ``crop`` or ``stretch`` (see :func:`decode_video`); an image of the target's ratio is
+            resized by FFmpeg whatever the mode.
 
     Returns:
         uint8 RGB ``[1, H, W, 3]``.
@@ -155,6 +191,8 @@ def decode_image(source: MediaSource, size: tuple[int, int]) -> np.ndarray:
     import av  # deferred like decord above
 
     height, width = _checked_size(size)
+    if aspect not in ASPECT_MODES:
+        raise ValueError(f"aspect must be one of {ASPECT_MODES}, got {aspect!r}")
     name = describe(source)
     src = checked_source(source)
     try:
@@ -164,7 +202,10 @@ def decode_image(source: MediaSource, size: tuple[int, int]) -> np.ndarray:
             frame = next(container.decode(video=0), None)
             if frame is None:
                 raise MediaError("decode", f"{name}: image stream holds no picture")
-            rgb = frame.reformat(width=width, height=height, format="rgb24").to_ndarray()
+            if aspect == "stretch" or same_aspect(frame.height, frame.width, (height, width)):
+                rgb = frame.reformat(width=width, height=height, format="rgb24").to_ndarray()
+            else:
+                rgb = fit_picture(frame.to_ndarray(format="rgb24"), (height, width), aspect)
     except MediaError:
         raise
     except Exception as exc:  # PyAV raises FFmpegError subclasses, but also OSError/ValueError on odd input

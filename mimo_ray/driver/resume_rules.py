@@ -64,6 +64,9 @@ SAFE_ON_RESUME: tuple[str, ...] = (
     # staged training (LLaVA stage 1 -> stage 2): optimizer state is reloaded by parameter name, newly trained parts
     # start with fresh moments
     "model.freeze",
+    # where a run's weights came from at step 0: a resumed run loads its own checkpoint, never init_from again
+    "train.init_from",
+    "train.init_from_modules",
     # sections a training run does not read, and the preset label (its fields are compared one by one)
     "infer.",
     "cluster.",

@@ -62,6 +62,10 @@ def check_output_dir(cfg: Config, *, log_changes: bool = False) -> dict[str, tup
             f"--output-dir {cfg.train.output_dir!r} already holds checkpoints of another run ({found[-1].name} in "
             f"{root}); pass --resume to continue that run, or choose a new --output-dir (--overwrite discards them)"
         )
+    if cfg.train.init_from and not (cfg.train.resume and ckpt.latest(root) is not None):
+        from mimo_ray.driver.init_from import source_step
+
+        source_step(cfg)  # the source exists and is not this run's own checkpoint (ValueError naming it)
     if not cfg.train.resume:
         return {}
     latest = ckpt.latest(root)
@@ -96,10 +100,14 @@ def new_run_id() -> str:
     return uuid.uuid4().hex
 
 
-def write_run_file(output_dir: Path, run_id: str, resumed_from: str | None) -> Path:
-    """``<output-dir>/run.json``: the run id and where this process started it from."""
+def write_run_file(
+    output_dir: Path, run_id: str, resumed_from: str | None, init_from: dict[str, Any] | None = None
+) -> Path:
+    """``<output-dir>/run.json``: the run id, where this process started it from and the weights it started with
+    (``init_from``: ``{"checkpoint", "modules"}`` of ``train.init_from``, or ``None``).
+    """
     path = Path(output_dir) / RUN_FILE
-    record = {"run_id": run_id, "resumed_from": resumed_from, "started_unix": time.time()}
+    record = {"run_id": run_id, "resumed_from": resumed_from, "init_from": init_from, "started_unix": time.time()}
     path.write_text(json.dumps(record, indent=1) + "\n")
     return path
 

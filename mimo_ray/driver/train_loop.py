@@ -96,6 +96,7 @@ class TrainLoop:
         self.samples = 0  # training samples consumed (the data position a checkpoint records)
         self.run_id: str | None = None  # set at the first start: new, or the resumed checkpoint's
         self.resumed_from: Path | None = None
+        self.init_dir: Path | None = None  # train.init_from, in the imported layout inside this run's folder
         self.config_changes: dict[str, tuple[Any, Any]] = {}
         self.failures: list[str] = []
         self.recoveries: list[dict[str, Any]] = []
@@ -148,11 +149,18 @@ class TrainLoop:
         ckpt.remove_stale_tmp(self.ckpt_dir)
         found = self._resume_point() if resume else None
         state = ckpt.driver_state(found) if found is not None else None
+        if found is None and self.cfg.train.init_from and self.init_dir is None:
+            from mimo_ray.driver.init_from import prepare_init  # before any actor: a bad source fails fast
+
+            self.init_dir = prepare_init(self.cfg)
         if self.run_id is None:  # first start: a resume adopts the checkpoint's run id, so its lineage continues
             self.run_id = (state or {}).get("run_id") or run_dir.new_run_id()
             self.resumed_from = found
-            run_dir.write_run_file(self.out, self.run_id, str(found) if found else None)
-            log.info("run %s %s", self.run_id, f"resumed from {found}" if found else "started from step 0")
+            run_dir.write_run_file(self.out, self.run_id, str(found) if found else None, self._init_record())
+            how = f"resumed from {found}" if found else "started from step 0"
+            if found is None and self.init_dir is not None:
+                how += f" with the weights of {self._init_record()['checkpoint']}"
+            log.info("run %s %s", self.run_id, how)
         self.runtime = self.runtime_factory(self.cfg)
         self.step = int(state["step"]) if state else 0
         self.samples = run_dir.start_sample(state, self.cfg)
@@ -161,6 +169,8 @@ class TrainLoop:
             ckpt.restore_driver_rng(found)
             self.runtime.load_checkpoint(str(found))
             log.info("resumed from %s (step %d, %d samples consumed)", found, self.step, self.samples)
+        elif self.init_dir is not None:  # a new run (or a recovery before its first checkpoint): weights only
+            self.runtime.load_checkpoint(str(self.init_dir))
         self.metrics.truncate_after(self.step)
         self.ledger.truncate_after(self.step)
         if self.cfg.train.eval_interval and self.cfg.data.val_path:
@@ -171,6 +181,14 @@ class TrainLoop:
         if self.cfg.train.runtime == "disaggregated" and not getattr(self.data, "driver_fed", False):
             self.runtime.set_data_iterators(self.data.rank_streams(self.cfg.parallel.encoder_dp))
         return found
+
+    def _init_record(self) -> dict[str, Any] | None:
+        """``{"checkpoint", "modules"}`` of ``train.init_from`` when this run started from it, else ``None``."""
+        if self.init_dir is None:
+            return None
+        from mimo_ray.driver.init_from import init_record
+
+        return init_record(self.init_dir)
 
     def _recover(self, err: BaseException, during: str = "step") -> None:
         failed_at = self.step
@@ -195,6 +213,7 @@ class TrainLoop:
             record["note"] = (
                 f"no checkpoint of run {self.run_id} in {self.ckpt_dir} (train.ckpt_interval="
                 f"{self.cfg.train.ckpt_interval}): restarted from step 0 with the initial weights"
+                + (f" (train.init_from={self.cfg.train.init_from})" if self.init_dir is not None else "")
             )
             log.warning("recovery at step %d: %s", failed_at, record["note"])
         self.recoveries.append(record)
@@ -359,6 +378,7 @@ class TrainLoop:
             "injected_faults": self.injected_faults,
             "run_id": self.run_id,
             "resumed_from": str(self.resumed_from) if self.resumed_from else None,
+            "init_from": self._init_record(),
             "config_changes": {k: [old, new] for k, (old, new) in self.config_changes.items()},
             "checkpoint": str(last_ckpt),
             "plot": str(plot) if plot else None,

@@ -1,15 +1,13 @@
-"""PNG and WAV files: read any image FFmpeg reads, write 8-bit RGB PNG and 16-bit PCM WAV."""
+"""PNG and WAV files: read any image FFmpeg reads, write 8-bit RGB PNG (Pillow) and 16-bit PCM WAV."""
 
 from __future__ import annotations
 
 import os
-import struct
-import zlib
-from pathlib import Path
 
 import av
 import numpy as np
 import soundfile
+from PIL import Image
 
 
 def read_png(path: str) -> np.ndarray:
@@ -19,17 +17,15 @@ def read_png(path: str) -> np.ndarray:
 
 
 def write_png(path: str | os.PathLike, rgb: np.ndarray) -> None:
-    """uint8 ``[H, W, 3]`` → 8-bit RGB PNG (zlib only)."""
-    height, width, _ = rgb.shape
-    raw = b"".join(b"\x00" + np.ascontiguousarray(rgb[y]).tobytes() for y in range(height))
+    """uint8 ``[H, W, 3]`` → 8-bit RGB PNG (Pillow's encoder).
 
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    Path(path).write_bytes(
-        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
-    )
+    Raises:
+        ValueError: ``rgb`` is not a uint8 ``[H, W, 3]`` array.
+    """
+    rgb = np.asarray(rgb)
+    if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise ValueError(f"write_png expects uint8 [H, W, 3], got {rgb.dtype} {list(rgb.shape)}")
+    Image.fromarray(np.ascontiguousarray(rgb)).save(os.fspath(path), format="PNG")
 
 
 def write_wav(path: str | os.PathLike, wave: np.ndarray, rate: int) -> None:

@@ -10,6 +10,11 @@ it writes one file per model part under ``step_0000000/imported/``, keyed like t
 A stage loads the parts its module holds (an LM rank only its own slice; a TP=1 stage joins the slices with the
 stride rule); parameters of parts that were not imported (projections, output decoders, an encoder without a source
 directory) keep their seeded initialisation, identical in every runtime. There is no optimizer state at step 0.
+
+``train.init_from`` (``mimo_ray/driver/init_from.py``) writes the same layout from another run's checkpoint, with
+``roots`` in the manifest (``{part: fused-name prefix}``, e.g. ``video.input_projections`` →
+``modality_submodules.video.input_projections.``) and the LM as one full ``language_model.tp0.pt`` (``lm_tp: 1``)
+that every LM rank of any TP size slices for itself.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from typing import Any
 
 import torch
 
-from mimo_ray.parallel.tp_shards import unshard
+from mimo_ray.parallel.tp_shards import shard, unshard
 
 IMPORTED = "imported"
 MANIFEST = "manifest.json"
@@ -48,6 +53,25 @@ def write_manifest(step_dir: str | Path, manifest: dict[str, Any]) -> None:
     (Path(step_dir) / IMPORTED / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
 
 
+def lm_tp_layout(key: str, swiglu: bool) -> tuple[int, int] | None:
+    """``(partition dim, stride)`` of one of our LM keys under tensor parallelism, ``None`` when replicated."""
+    if key.endswith(("linear_qkv.weight", "linear_qkv.bias", "word_embeddings.weight", "output_layer.weight")):
+        return 0, 1
+    if key.endswith(("linear_fc1.weight", "linear_fc1.bias")):
+        return 0, 2 if swiglu else 1
+    if key.endswith(("linear_proj.weight", "linear_fc2.weight")):
+        return 1, 1
+    return None
+
+
+def part_root(manifest: dict[str, Any], part: str) -> str:
+    """The fused-name prefix of a part's tensors (``roots`` in the manifest, else the import's convention)."""
+    roots = manifest.get("roots") or {}
+    if part in roots:
+        return roots[part]
+    return f"{LM_PART}." if part == LM_PART else f"modality_submodules.{part}.encoders."
+
+
 def lm_layouts(manifest: dict[str, Any]) -> dict[str, list[int]]:
     """``{LM key: [partition dim, stride]}`` of the LM's tensor-parallel parameters, as recorded at import."""
     return manifest.get("lm_tp_layout", {})
@@ -71,7 +95,7 @@ def _load(file: Path) -> dict[str, torch.Tensor]:
 
 
 def imported_state(step_dir: str | Path, module_keys: list[str], prefix: str, tp_rank: int, tp: int,
-                   ) -> tuple[dict[str, torch.Tensor], set[str]]:
+                   vocab_rows: int | None = None) -> tuple[dict[str, torch.Tensor], set[str]]:
     """The imported tensors a stage's module holds.
 
     Args:
@@ -80,6 +104,8 @@ def imported_state(step_dir: str | Path, module_keys: list[str], prefix: str, tp
         prefix: what maps a module key onto the fused model's name (``modality_submodules.`` for encoder stages).
         tp_rank: the stage's tensor-parallel rank.
         tp: the stage's tensor-parallel size (1: the LM slices are joined).
+        vocab_rows: the whole (all ranks) padded vocabulary of this model, to fit a full LM's tables to before
+            slicing them (``None``: the table's rows rounded up to a multiple of ``tp``).
 
     Returns:
         ``(state keyed like the module, module keys that a covered part must provide)``.
@@ -92,7 +118,7 @@ def imported_state(step_dir: str | Path, module_keys: list[str], prefix: str, tp
     state: dict[str, torch.Tensor] = {}
     required: set[str] = set()
     for part in manifest["parts"]:
-        root = f"{LM_PART}." if part == LM_PART else f"modality_submodules.{part}.encoders."
+        root = part_root(manifest, part)
         if not any(k.startswith(root) for k in fused_keys):
             continue
         required |= {k[len(prefix):] for k in fused_keys if k.startswith(root) and not k.endswith("_extra_state")}
@@ -106,13 +132,22 @@ def imported_state(step_dir: str | Path, module_keys: list[str], prefix: str, tp
             full = {
                 k: unshard([s[k] for s in shards], *layout[k]) if k in layout else shards[0][k] for k in shards[0]
             }
+        elif manifest["lm_tp"] == 1:  # a full LM (train.init_from): this rank's slice; vocab rows fitted first
+            layout = lm_layouts(manifest)
+            full = {}
+            for key, value in _load(part_file(step_dir, part, 0)).items():
+                if key in layout:
+                    if key.endswith(VOCAB_KEYS):
+                        value = fit_vocab_rows(value, vocab_rows or -(-value.shape[0] // tp) * tp)
+                    value = shard(value, tp, tp_rank, *layout[key])
+                full[key] = value
         else:
             raise ValueError(
                 f"checkpoint {step_dir}: the LM was imported for parallel.lm_tp={manifest['lm_tp']}, this run uses "
                 f"parallel.lm_tp={tp}; import it again with --parallel.lm_tp={tp}"
             )
         for key, value in full.items():
-            if not key.startswith(prefix):
+            if not key.startswith(prefix) or not key.startswith(root):
                 continue
             state[key[len(prefix):]] = value
     return state, required
@@ -124,13 +159,14 @@ def load_imported(module: torch.nn.Module, step_dir: str | Path, prefix: str, tp
     Raises:
         ValueError: a tensor of an imported part is missing, unexpected or of another shape, naming it.
     """
-    keys = list(module.state_dict())
-    state, required = imported_state(step_dir, keys, prefix, tp_rank, tp)
+    own = module.state_dict()
+    keys = list(own)
+    vocab = [own[k].shape[0] * tp for k in keys if k.endswith(VOCAB_KEYS)]
+    state, required = imported_state(step_dir, keys, prefix, tp_rank, tp, vocab[0] if vocab else None)
     missing = sorted(required - set(state))
     unexpected = sorted(set(state) - set(keys))
     if missing or unexpected:
         raise ValueError(f"imported checkpoint {step_dir}: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    own = module.state_dict()
     for key, value in state.items():
         if key.endswith(VOCAB_KEYS):
             state[key] = value = fit_vocab_rows(value, own[key].shape[0])

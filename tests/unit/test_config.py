@@ -46,7 +46,7 @@ def test_flag_list_is_closed():
         "--vocab-size", "--vision-backbone-type", "--audio-backbone-type", "--num-frames", "--audio-seq-len",
         "--attention-backend", "--data-path", "--val-path", "--micro-batch-size", "--global-batch-size",
         "--tensor-model-parallel-size", "--runtime", "--max-steps", "--lr", "--seed", "--output-dir",
-        "--max-failures", "--checkpoint", "--output",
+        "--max-failures", "--checkpoint", "--output", "--init-from", "--init-from-modules",
     }
 
 
