@@ -3,7 +3,9 @@
 stage 1 (projector only, lr 1e-3) on image rows resolved against --data.image_folder, with broken rows that alone are
 quarantined → stage 2 (--init-from stage 1, a new file, lr 2e-5: a new run at step 0) → export with the projector
 (LLaVA's mm_projector keys) → transformers loads the LM. Video rows (LLaVA-Video-178K shape) go through
-jobs/validate.py on a video model. Mixed image + video rows in one run need per-sample modality subsets (not here).
+jobs/validate.py on a video model. Stage 1's file mixes single-image, multi-image (one <image> tag per list entry),
+video (--data.video_folder) and text-only rows, as LLaVA's mixes do: all of them train, only the broken rows are
+quarantined.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ transformers = pytest.importorskip("transformers")
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
 # The tiny preset with a LLaMA-shaped LM (so the LM exports), images only, small fused steps.
-MODEL = ["--preset", "tiny", "--runtime", "fused", "--model.modalities=[images]", "--model.lm.swiglu=true",
+MODEL = ["--preset", "tiny", "--runtime", "fused", "--model.modalities=[images,video]", "--data.shuffle=false", "--model.lm.swiglu=true",
          "--model.lm.normalization=RMSNorm", "--model.lm.add_bias_linear=false", "--data.micro_batch_size=4",
          "--data.global_batch_size=4", "--train.warmup_steps=1"]  # fmt: skip
 
@@ -51,23 +53,54 @@ def image_rows(root: Path, prefix: str, n: int) -> list[dict]:
     return rows
 
 
-def test_two_stages_with_init_from_then_export(tmp_path: Path, ray_local) -> None:
+def mixed_rows(images: Path, videos: Path, synthetic_module) -> list[dict]:
+    """LLaVA mix shapes beside the single-image rows: multi-image, video (LLaVA-Video) and text-only rows."""
+    made = synthetic_module.make_synthetic(str(videos.parent / "syn"), 2, seconds=1.0, size=(48, 32),
+                                           val_fraction=0.0)
+    clips = [json.loads(line) for line in Path(made["train_manifest"]).read_text().splitlines()]
+    videos.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i, clip in enumerate(clips):
+        src = Path(made["train_manifest"]).parent / clip["video"]
+        (videos / src.name).write_bytes(src.read_bytes())
+        rows.append({"id": f"vid-{i}", "video": src.name, "conversations": [
+            {"from": "human", "value": "<video>\nWhat colour is the ball?"}, {"from": "gpt", "value": clip["colour"]}]})
+    pics = image_rows(images, "mi-", 4)
+    for i in range(2):
+        rows.append({"id": f"multi-{i}", "image": [pics[2 * i]["image"], pics[2 * i + 1]["image"]], "conversations": [
+            {"from": "human", "value": "<image>\n<image>\nDo the two pictures share a colour?"},
+            {"from": "gpt", "value": "no"}]})
+        rows.append({"id": f"text-{i}", "conversations": [{"from": "human", "value": f"Say {i}."},
+                                                          {"from": "gpt", "value": str(i)}]})
+    return rows
+
+
+def test_two_stages_with_init_from_then_export(tmp_path: Path, ray_local, synthetic_module) -> None:
     images = tmp_path / "images"
     good = image_rows(images, "s1-", 12)
+    mixed = mixed_rows(images, tmp_path / "videos", synthetic_module)
     broken = ["not a row", {"image": "coco/x.png", "conversations": good[0]["conversations"]},
-              {"id": "gone", "image": "coco/train2017/missing.png", "conversations": good[0]["conversations"]}]
+              {"id": "gone", "image": "coco/train2017/missing.png", "conversations": good[0]["conversations"]},
+              {"id": "two-tags-one-image", "image": good[0]["image"], "conversations": [
+                  {"from": "human", "value": "<image><image> same?"}, {"from": "gpt", "value": "yes"}]}]
     manifest = tmp_path / "stage1.json"
-    manifest.write_text(json.dumps(good[:5] + broken + good[5:], indent=1))
+    manifest.write_text(json.dumps(mixed + good[:5] + broken + good[5:], indent=1))
     run1, run2 = tmp_path / "run1", tmp_path / "run2"
-    s1 = train_job.main([*MODEL, "--data-path", str(manifest), f"--data.image_folder={images}", "--max-steps", "3",
+    s1 = train_job.main([*MODEL, "--data-path", str(manifest), f"--data.image_folder={images}",
+                         f"--data.video_folder={tmp_path / 'videos'}", "--max-steps", "4",
                          "--lr", "1e-3", "--train.min_lr=0", "--model.freeze=[vision,lm]",
                          "--output-dir", str(run1)])  # fmt: skip
-    assert s1["steps"] == 3 and s1["frozen_parts"] == ["vision", "lm"]
+    assert s1["steps"] == 4 and s1["frozen_parts"] == ["vision", "lm"]
     bad = [json.loads(line) for line in (run1 / "quarantine.jsonl").read_text().splitlines()]
-    assert sorted(r["id"] for r in bad) == ["gone", "stage1.json:5", "stage1.json:6"]  # only the broken rows
+    # only the broken rows
+    assert sorted(r["id"] for r in bad) == ["gone", "stage1.json:11", "stage1.json:12", "two-tags-one-image"]
     by_id = {r["id"]: r for r in bad}
-    assert "row 5 is not a JSON object" in by_id["stage1.json:5"]["error"]
-    assert "row 6 has no 'id'" in by_id["stage1.json:6"]["error"]
+    assert "row 11 is not a JSON object" in by_id["stage1.json:11"]["error"]
+    assert "row 12 has no 'id'" in by_id["stage1.json:12"]["error"]
+    assert by_id["two-tags-one-image"]["stage"] == "tags"
+    assert "modality 'images': 2 <image> tag(s) but 1 'image' item(s)" in by_id["two-tags-one-image"]["error"]
+    consumed = [i for line in (run1 / "samples.jsonl").read_text().splitlines() for i in json.loads(line)["ids"]]
+    assert len(consumed) == 16 and {i.split("-")[0] for i in consumed} == {"vid", "multi", "text", "s1"}
     assert by_id["gone"]["stage"] == "open" and by_id["gone"]["path"] == str(images / "coco/train2017/missing.png")
 
     manifest2 = tmp_path / "stage2.json"
