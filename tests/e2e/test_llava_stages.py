@@ -34,8 +34,9 @@ from mimo_ray.observability import read_metrics  # noqa: E402
 transformers = pytest.importorskip("transformers")
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
-# The tiny preset with a LLaMA-shaped LM (so the LM exports), images only, small fused steps.
-MODEL = ["--preset", "tiny", "--runtime", "fused", "--model.modalities=[images,video]", "--data.shuffle=false", "--model.lm.swiglu=true",
+# The tiny preset with a LLaMA-shaped LM (so the LM exports), images and video, small fused steps in file order.
+MODEL = ["--preset", "tiny", "--runtime", "fused", "--model.modalities=[images,video]", "--data.shuffle=false",
+         "--model.lm.swiglu=true",
          "--model.lm.normalization=RMSNorm", "--model.lm.add_bias_linear=false", "--data.micro_batch_size=4",
          "--data.global_batch_size=4", "--train.warmup_steps=1"]  # fmt: skip
 
