@@ -120,7 +120,18 @@ def derive_config(preset: str, overrides: list[str], lm: HFDir | None, vision: H
         derived += audio_overrides(audio.config, f"--audio {audio.path}/config.json")
     if lm is not None:
         derived += lm_overrides(lm.config, f"--lm {lm.path}/config.json")
-    for dotted, value in parse_overrides(derived) + parse_overrides(list(overrides)):
+    user = parse_overrides(list(overrides))
+    if not any(dotted == "model.modalities" for dotted, _ in user):
+        # The model has the modalities whose encoders were given (an LM alone is a text-only model): the preset's
+        # vision modalities with --vision, audio with --audio.
+        preset_mods = list((tree.get("model") or {}).get("modalities") or ["video", "audio"])
+        mods = [m for m in preset_mods if (m in ("video", "images") and vision) or (m == "audio" and audio)]
+        if vision is not None and not any(m in ("video", "images") for m in mods):
+            mods.insert(0, "video")
+        if audio is not None and "audio" not in mods:
+            mods.append("audio")
+        derived.append(f"model.modalities=[{','.join(mods)}]")
+    for dotted, value in parse_overrides(derived) + user:
         _set_dotted(tree, dotted, value)
     info = None
     pretrained = {}

@@ -74,3 +74,25 @@ def test_defaults_keep_todays_model():
     assert lm.padded_vocab_size(2) == lm.vocab_size == 384
     assert (v.activation, v.feature_layer, v.drop_class_token, v.built_layers) == ("gelu", -1, True, v.num_layers)
     assert cfg.model.freeze == [] and cfg.data.chat_template is None
+
+
+def test_an_import_records_only_the_modalities_it_was_given_and_an_lm_alone_is_prompted_without_media(
+    hf_dirs, tmp_path, ray_local
+):
+    """Issue 22 item 1: an LM imported alone is a text-only model, and ``jobs/infer.py --prompt`` needs no media."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
+    from jobs import infer as infer_job
+
+    cfg, _ = import_run(str(hf_dirs["llama"]), None, None, str(tmp_path / "lm"), "tiny", [])
+    assert cfg.model.modalities == [] and load_config(str(tmp_path / "lm" / "config.yaml")).model.modalities == []
+    cfg_v, _ = import_run(str(hf_dirs["llama"]), str(hf_dirs["clip"]), None, str(tmp_path / "lmv"), "tiny", [])
+    assert cfg_v.model.modalities == ["video"]  # the preset's vision modality, no audio without --audio
+    out = tmp_path / "p.jsonl"
+    summary = infer_job.main(["--checkpoint", str(tmp_path / "lm"), "--prompt", "the cat sat on", "--chat-template",
+                              "none", "--infer.max_new_tokens=3", "--output", str(out), "--runtime", "fused"])
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert summary["written"] == 1 and summary["quarantined"] == 0
+    assert rows[0]["id"] == "prompt-0" and rows[0]["prediction"] is not None and rows[0]["num_generated_tokens"] > 0
