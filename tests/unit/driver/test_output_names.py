@@ -87,3 +87,25 @@ def test_output_inference_names_files_safely_and_the_jsonl_names_them(tmp_path):
     assert sorted(p.name for p in out_dir.iterdir()) == ["out.jsonl", "out_media"]
     for k, path in enumerate(files):
         assert read_png(str(path))[0, 0, 0] == pytest.approx(round(k / 100 * 255), abs=1)
+
+
+def test_the_reported_ids_get_four_distinct_contained_files(tmp_path):
+    """Issue 22 item 2: ``../../escaped``, ``a.1``, ``a.2``, ``sub/dir/x`` → four files, all inside the media folder."""
+    cfg = load_config("tiny", ["model.outputs.image_out.enabled=true", "model.outputs.image_out.image_size=8",
+                               "model.modalities=[]", "infer.batch_size=2"])  # fmt: skip
+    ids = ["../../escaped", "a.1", "a.2", "sub/dir/x"]
+    manifest = tmp_path / "tasks.jsonl"
+    manifest.write_text("".join(json.dumps({"id": rid, "conversations": [
+        {"from": "human", "value": f"Draw {k}."}, {"from": "gpt", "value": "<image_gen>"}]}) + "\n"
+        for k, rid in enumerate(ids)))  # fmt: skip
+    out = tmp_path / "preds" / "out.jsonl"
+    out.parent.mkdir()
+    summary = run_output_inference(cfg, Path("ckpt"), ChatTokenizer.from_config(cfg), str(manifest), out, set(),
+                                   FakeOutputRuntime())  # fmt: skip
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert summary["written"] == 4 and [r["id"] for r in rows] == ids
+    files = sorted((out.parent / "out_media").iterdir())
+    assert len(files) == 4 and sorted(out.parent / r["file"] for r in rows) == files
+    assert all(f.resolve().parent == (out.parent / "out_media").resolve() for f in files)
+    assert {f.name.split("-")[0] for f in files} == {"_escaped", "a_1", "a_2", "sub_dir_x"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["preds", "tasks.jsonl"]  # nothing escaped
