@@ -73,7 +73,16 @@ def grad_sq_norm(named_params: Iterable[tuple[str, torch.Tensor]], *, count_repl
         Sum of squared gradient elements.
     """
     grads = [param_grad(p) for _, p in named_params if count_replicated or is_tp_sharded(p)]
-    parts = [float(g.double().pow(2).sum()) for g in grads if g is not None]
+    by_device: dict[torch.device, list[torch.Tensor]] = {}
+    for g in grads:
+        if g is not None:
+            by_device.setdefault(g.device, []).append(g)
+    parts: list[float] = []
+    for group in by_device.values():
+        # One fused kernel launch series and one device sync per device (not one per parameter); float64
+        # accumulation per tensor, then an order-independent host sum.
+        norms = torch._foreach_norm(group, 2, dtype=torch.float64)
+        parts.extend(torch.stack(norms).pow(2).cpu().tolist())
     return math.fsum(parts)
 
 
