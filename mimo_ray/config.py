@@ -532,8 +532,14 @@ class TrainConfig:
     init_from: str | None = None
     # Which parts to take from init_from: any of vision, audio, projections, lm, decoders ([]: all it holds).
     init_from_modules: list[str] = field(default_factory=list)
+    # Recoveries after real failures (a dead actor or node, a lost object, a step that hangs with nothing pending).
     max_failures: int = 2
+    # A step (or save) with no resource request pending in the cluster fails after this long.
     step_timeout_s: float = 300.0
+    # Waiting for resources is not a failure: a recovery waits this long for its placement groups (an autoscaler
+    # replacing a lost node), and a step whose tasks still wait for resources (a decode pool still busy) waits on up
+    # to this long. Neither counts against max_failures.
+    recovery_timeout_s: float = 1800.0
     # fp16 only (model.params_dtype=fp16): "dynamic" loss scaling (Megatron's rules) is required; bf16/fp32 ignore it.
     # The loss is a per-token *sum* (weight gradients already carry a factor of ~tokens per micro-batch), so the
     # scale starts small; overflowing steps are skipped and halve it, 1000 clean steps double it.
@@ -545,7 +551,7 @@ class TrainConfig:
         _check_choice("train.runtime", self.runtime, ("disaggregated", "fused"))
         _check_choice("train.loss_scaling", self.loss_scaling, ("dynamic", "none"))
         _check_positive(self, "initial_loss_scale", "loss_scale_window")
-        _check_positive(self, "max_steps", "lr", "step_timeout_s")
+        _check_positive(self, "max_steps", "lr", "step_timeout_s", "recovery_timeout_s")
         _check_positive(self, "min_lr", "warmup_steps", "weight_decay", "grad_clip", allow_zero=True)
         _check_positive(self, "ckpt_interval", "keep_checkpoints", "eval_interval", "max_failures", allow_zero=True)
         if self.resume and self.overwrite:

@@ -11,6 +11,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from mimo_ray.capacity import cluster_capacity
 from mimo_ray.data.epoch_plan import PLAN_SCHEMA
 from mimo_ray.data.prepare import DecodeOptions, decode_batch
 
@@ -63,6 +64,11 @@ def decode_resources(cfg: Any, pool: str | None = None, reserved_cpus: float = 0
     workers = cfg.data.num_decode_workers
     if pool is not None:
         budget = float(ray.cluster_resources().get(pool, 0.0)) or float(workers)
+        # Never ask for more of the pool than the autoscaler may ever start (its max_workers): such a request stays
+        # pending forever ("No available node types can fulfill ...").
+        most = (cluster_capacity() or {}).get(pool)
+        if most:
+            budget = min(budget, most)
         return budget, max(min(1.0, math.floor(100 * budget / workers) / 100), 0.01)
     total = float(ray.cluster_resources().get("CPU", 0.0))
     reserved = float(reserved_cpus)

@@ -35,6 +35,7 @@ SAFE_ON_RESUME: tuple[str, ...] = (
     "train.eval_batches",
     "train.max_failures",
     "train.step_timeout_s",
+    "train.recovery_timeout_s",
     "train.output_dir",
     "data.val_path",
     # decode throughput and robustness knobs: they do not reorder samples

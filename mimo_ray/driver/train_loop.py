@@ -11,6 +11,7 @@ it never lands on, prunes or loads another run's checkpoints.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -140,8 +141,13 @@ class TrainLoop:
             return self.resumed_from  # a checkpoint written before run ids existed, which this run continues
         return found
 
-    def _start(self, resume: bool) -> Path | None:
+    def _start(self, resume: bool, recovering: bool = False) -> Path | None:
         """Build the runtime and data source, from this run's newest checkpoint when resuming.
+
+        Args:
+            resume: load this run's newest checkpoint (if any).
+            recovering: a rebuild after a failure: the placement groups may wait ``train.recovery_timeout_s`` for
+                the cluster (an autoscaler replacing a lost node) instead of ``parallel.placement_timeout_s``.
 
         Returns:
             The checkpoint loaded, or ``None`` (a start from step 0).
@@ -161,7 +167,7 @@ class TrainLoop:
             if found is None and self.init_dir is not None:
                 how += f" with the weights of {self._init_record()['checkpoint']}"
             log.info("run %s %s", self.run_id, how)
-        self.runtime = self.runtime_factory(self.cfg)
+        self.runtime = self.runtime_factory(self._recovery_config() if recovering else self.cfg)
         self.step = int(state["step"]) if state else 0
         self.samples = run_dir.start_sample(state, self.cfg)
         data_state = state.get("data_state") if state else None  # bad-row memory + exact plan position (manifests)
@@ -190,23 +196,46 @@ class TrainLoop:
 
         return init_record(self.init_dir)
 
-    def _recover(self, err: BaseException, during: str = "step") -> None:
-        failed_at = self.step
-        where = f"step {failed_at}" if during == "step" else f"{during} after step {failed_at}"
+    def _recovery_config(self) -> Config:
+        """The config a rebuild runs with: placement waits ``train.recovery_timeout_s`` (when longer)."""
+        par = self.cfg.parallel
+        wait = max(par.placement_timeout_s, self.cfg.train.recovery_timeout_s)
+        return dataclasses.replace(self.cfg, parallel=dataclasses.replace(par, placement_timeout_s=wait))
+
+    def _count_failure(self, err: BaseException, where: str) -> None:
+        """Record a real failure; more than ``train.max_failures`` of them end the run."""
         self.failures.append(f"{where}: {type(err).__name__}: {err}")
         if len(self.failures) > self.cfg.train.max_failures:
             raise RuntimeError(
                 f"giving up after {len(self.failures) - 1} recoveries (train.max_failures="
-                f"{self.cfg.train.max_failures}); last failure at step {failed_at}: {err}"
+                f"{self.cfg.train.max_failures}); last failure at {where}: {err}"
             ) from err
+
+    def _recover(self, err: BaseException, during: str = "step") -> None:
+        """Rebuild every group from this run's latest checkpoint after a real failure.
+
+        Waiting for resources is not a failure: the rebuild's placement waits ``train.recovery_timeout_s`` (an
+        autoscaler bringing a replacement node) and is not counted; a rebuild that fails for real (an actor dying
+        while it starts) counts and is retried.
+
+        Raises:
+            RuntimeError: more than ``train.max_failures`` real failures.
+            InsufficientResourcesError: the cluster could not place the groups within ``train.recovery_timeout_s``.
+        """
+        failed_at = self.step
+        where = f"step {failed_at}" if during == "step" else f"{during} after step {failed_at}"
+        self._count_failure(err, where)
         log.warning("%s failed (%s: %s); rebuilding all groups from latest", where, type(err).__name__, err)
-        if self.runtime is not None:
-            self.runtime.close()
-            self.runtime = None
-        if self.data is not None:
-            self.data.close()
-            self.data = None
-        found = self._start(resume=True)
+        while True:
+            self._close_parts()
+            try:
+                found = self._start(resume=True, recovering=True)
+                break
+            except Exception as again:  # noqa: BLE001 - classified right below
+                if not is_recoverable(again):
+                    raise
+                self._count_failure(again, f"recovery after step {failed_at}")
+                log.warning("recovery failed (%s: %s); rebuilding again", type(again).__name__, again)
         record = {"step": failed_at, "during": during, "error": f"{type(err).__name__}: {err}",
                   "resumed_from": str(found) if found else None, "resumed_step": self.step}  # fmt: skip
         if found is None:
@@ -217,6 +246,15 @@ class TrainLoop:
             )
             log.warning("recovery at step %d: %s", failed_at, record["note"])
         self.recoveries.append(record)
+
+    def _close_parts(self) -> None:
+        """Close the runtime and the data source (ending their actors and placement groups)."""
+        if self.runtime is not None:
+            self.runtime.close()
+            self.runtime = None
+        if self.data is not None:
+            self.data.close()
+            self.data = None
 
     # ---------------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> Path:

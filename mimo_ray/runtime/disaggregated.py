@@ -27,6 +27,7 @@ import torch
 from mimo_ray.config import Config
 from mimo_ray.runtime.actor_group import ActorGroup, get
 from mimo_ray.runtime.base import Batch, check_iterators, loss_scale_metrics, summarize
+from mimo_ray.runtime.demand import get_waiting_for_resources
 from mimo_ray.runtime.placement import GroupSpec, decoder_spec, group_specs, release, reserve
 from mimo_ray.runtime.routing import StepPlan, make_plan, submission_order
 from mimo_ray.runtime.transport import OBJECT_STORE, check_transport_config, choose_transport, make_transport
@@ -141,8 +142,9 @@ class DisaggregatedRuntime:
         """Every stage actor (the order is the order of the grad-norm contributions)."""
         return [a for g in self.groups for a in g.actors]
 
-    def _wait(self, refs: list[ray.ObjectRef]) -> list[Any]:
-        return get(refs, self.timeout_s)
+    def _wait(self, refs: list[ray.ObjectRef], what: str = "step") -> list[Any]:
+        # Bounded by train.step_timeout_s unless the cluster still waits for resources (train.recovery_timeout_s).
+        return get_waiting_for_resources(refs, self.timeout_s, self.cfg.train.recovery_timeout_s, what)
 
     # ----- the step -------------------------------------------------------------------------------------------------
     def _plan(self, microbatches: list[Batch] | None) -> StepPlan:
@@ -301,11 +303,11 @@ class DisaggregatedRuntime:
 
     def save_checkpoint(self, path: str) -> None:
         """Every group writes ``<path>/<group>/tp<r>.pt`` (model + optimizer, DP rank 0 of each TP rank)."""
-        self._wait([r for g in self.groups for r in g.execute_all_async("save", str(path))])
+        self._wait([r for g in self.groups for r in g.execute_all_async("save", str(path))], "checkpoint save")
 
     def load_checkpoint(self, path: str) -> None:
         """Every rank loads its group's file for its TP rank."""
-        self._wait([r for g in self.groups for r in g.execute_all_async("load", str(path))])
+        self._wait([r for g in self.groups for r in g.execute_all_async("load", str(path))], "checkpoint load")
 
     def _merged(self, method: str) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}

@@ -13,15 +13,21 @@ group. Removing the placement groups (teardown, or the job ending) is what lets 
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 
 import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 
+from mimo_ray.capacity import cluster_capacity
 from mimo_ray.config import Config
 
 MIN_CPU = 0.001
+#: How often a wait for placement logs what it still waits for.
+PROGRESS_S = 15.0
+
+log = logging.getLogger(__name__)
 
 
 class InsufficientResourcesError(RuntimeError):
@@ -149,26 +155,39 @@ def bundle_of(spec: GroupSpec, rank: int) -> tuple[int, int]:
 
 
 def reserve(
-    specs: list[GroupSpec], timeout_s: float, generation: int = 0, poll_s: float = 1.0
+    specs: list[GroupSpec],
+    timeout_s: float,
+    generation: int = 0,
+    poll_s: float = 1.0,
+    capacity: dict[str, float] | None = None,
+    progress_s: float = PROGRESS_S,
 ) -> dict[str, list[PlacementGroup]]:
     """Create every placement group of every stage group at once and wait (bounded) until all are placed.
 
     The pending groups are the demand an autoscaler scales up for; on failure every one of them is removed again,
-    before any actor exists.
+    before any actor exists. While waiting it logs, every ``progress_s``, "waiting for N bundles of pool P".
 
     Args:
         specs: the stage groups.
-        timeout_s: longest wait for all groups together (``parallel.placement_timeout_s``).
+        timeout_s: longest wait for all groups together (``parallel.placement_timeout_s``; a recovery waits
+            ``train.recovery_timeout_s``).
         generation: suffix of the placement group names (``mimo/lm.g2``; ``mimo/lm.g2/<i>`` for several).
         poll_s: how often the wait checks readiness.
+        capacity: the most of each resource the cluster can ever hold (``demand.cluster_capacity()``, from the
+            autoscaler's ``max_workers``); ``None`` reads it. A demand above it fails at once, nothing is requested.
+        progress_s: how often the wait logs what it still waits for.
 
     Returns:
         Stage group name → its placement groups, in :func:`placement_layout` order.
 
     Raises:
         InsufficientResourcesError: "needs X, cluster has Y", the missing amounts and the groups left unplaced with
-            the resources a single node of their pool must offer.
+            the resources a single node of their pool must offer; or a demand above what the autoscaler may ever
+            start (naming the resource and its most).
     """
+    if capacity is None:
+        capacity = cluster_capacity()
+    check_capacity(specs, capacity)
     pgs: dict[str, list[PlacementGroup]] = {}
     try:
         for spec in specs:
@@ -180,18 +199,59 @@ def reserve(
             ]
         pending = {pg.id: (spec, pg) for spec in specs for pg in pgs[spec.name]}
         refs = {pg.ready(): key for key, (_, pg) in pending.items()}
-        deadline = time.monotonic() + timeout_s
+        start = time.monotonic()
+        deadline = start + timeout_s
+        next_report = start + min(progress_s, 2 * poll_s)  # the first report soon: a wait is worth a line at once
         while refs:
             wait_s = max(0.0, min(poll_s, deadline - time.monotonic()))
             ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=wait_s)
             for ref in ready:
                 pending.pop(refs.pop(ref))
-            if refs and time.monotonic() >= deadline:
+            now = time.monotonic()
+            if refs and now >= deadline:
                 raise InsufficientResourcesError(_unplaced_message(specs, [s for s, _ in pending.values()], timeout_s))
+            if refs and now >= next_report:
+                log.warning("%s (%.0f of %g s)", waiting_message(list(pending.values())), now - start, timeout_s)
+                next_report = now + progress_s
     except BaseException:
         release(pgs)
         raise
     return pgs
+
+
+def pool_name(spec: GroupSpec) -> str:
+    """The pool a group's bundles ask for: its custom resources (``lm_gpu``), or ``any node``."""
+    return "/".join(sorted(spec.resources)) or "any node"
+
+
+def waiting_message(pending: list[tuple[GroupSpec, PlacementGroup]]) -> str:
+    """``waiting for 2 bundles of pool lm_gpu (lm), 1 bundle of pool encoder_gpu (encoder-shared)``."""
+    counts: dict[tuple[str, str], int] = {}
+    for spec, pg in pending:
+        key = (pool_name(spec), spec.name)
+        counts[key] = counts.get(key, 0) + len(pg.bundle_specs)
+    parts = [f"{n} bundle{'s' if n != 1 else ''} of pool {pool} ({group})" for (pool, group), n in counts.items()]
+    return "waiting for " + ", ".join(parts)
+
+
+def check_capacity(specs: list[GroupSpec], capacity: dict[str, float] | None) -> None:
+    """Refuse a demand above what the cluster can ever hold (``capacity``; ``None``: unknown, no check).
+
+    Raises:
+        InsufficientResourcesError: naming each resource asked for beyond its most, and the groups asking.
+    """
+    if not capacity:
+        return
+    need = required_resources(specs)
+    over = {k: v for k, v in need.items() if k in capacity and v > capacity[k] + 1e-9}
+    over.update({k: v for k, v in need.items() if k not in capacity and k not in ("CPU", "memory")})
+    if over:
+        detail = ", ".join(f"{k}: {v:g} (most {capacity.get(k, 0.0):g})" for k, v in sorted(over.items()))
+        raise InsufficientResourcesError(
+            f"mimo_ray needs {_fmt(need)} for {describe(specs)}, more than the cluster can ever hold: {detail} "
+            "(the autoscaler config's max_workers x each node type's resources); lower parallel.encoder_dp / "
+            "lm_dp / lm_tp or raise max_workers in ray_cluster.yaml"
+        )
 
 
 def _unplaced_message(specs: list[GroupSpec], unplaced: list[GroupSpec], timeout_s: float) -> str:

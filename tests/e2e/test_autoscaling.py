@@ -37,7 +37,7 @@ def _entrypoint(data: Path, out: Path) -> str:
         "--preset tiny", f"--max-steps {STEPS}", f"--output-dir {out}", f"--data-path {data}",
         "'parallel.encoder_resources={encoder_gpu: 1}'", "'parallel.lm_resources={lm_gpu: 1}'",
         "parallel.decode_resource=cpu_decode", "parallel.placement_timeout_s=240", "train.ckpt_interval=1",
-        "train.step_timeout_s=120", "train.max_failures=2", "data.num_decode_workers=2",
+        "train.step_timeout_s=120", "train.recovery_timeout_s=600", "train.max_failures=2", "data.num_decode_workers=2",
     ]  # fmt: skip
     return f"{sys.executable} {ROOT / 'jobs' / 'train.py'} " + " ".join(flags)
 
@@ -85,7 +85,13 @@ class Job:
         pytest.fail(f"job {self.submission_id} not done in {timeout_s} s:\n{self.logs()}")
 
     def logs(self) -> str:
-        return self.client.get_job_logs(self.submission_id)[-6000:]
+        """The job's log without the autoscaler's repeated lines: the driver's own lines and the last 6000 chars."""
+        full = self.client.get_job_logs(self.submission_id)
+        own = [line for line in full.splitlines() if "[driver]" in line or "Error" in line]
+        return "\n".join(own[-80:]) + "\n----- tail\n" + full[-6000:]
+
+    def full_logs(self) -> str:
+        return self.client.get_job_logs(self.submission_id)
 
     @property
     def ray_job_id(self) -> str:
@@ -183,6 +189,10 @@ def test_pools_scale_for_the_job_and_a_lost_lm_node_is_replaced(tmp_path, synthe
         assert status_b == JobStatus.SUCCEEDED, job_b.logs() + cluster.log_tail()
         summary = json.loads((out_b / "summary.json").read_text())
         assert summary["steps"] == STEPS and len(summary["failures"]) >= 1, dumps(summary)
+        # Waiting for the replacement node is reported, and is no failure: only the lost node's failure counts.
+        log_b = job_b.full_logs()
+        assert "waiting for 1 bundle of pool lm_gpu (lm)" in log_b, job_b.logs()
+        assert not [f for f in summary["failures"] if "recovery after" in f], dumps(summary)
         seen_b = cluster.nodes()
         assert seen_b[victim].alive is False
         lm_b = {n for n, i in seen_b.items() if i.pool == "lm_gpu"} - {victim}

@@ -25,3 +25,14 @@ def test_decode_pool_choice(monkeypatch, setting, cluster, pool):
         assert decode_resources(cfg, pool) == (2.0, 0.5)
     if pool == "decode_node":  # no node yet: one slot per decode worker, the autoscaler brings the node
         assert decode_resources(cfg, pool) == (4.0, 1.0)
+
+
+def test_decode_demand_never_exceeds_what_the_autoscaler_may_start(monkeypatch):
+    import mimo_ray.data.ray_dataset as rd
+
+    cfg = load_config("tiny", ["parallel.decode_resource=decode_node", "data.num_decode_workers=8"])
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 4})  # no pool node yet
+    monkeypatch.setattr(rd, "cluster_capacity", lambda: {"CPU": 6.0, "decode_node": 2.0})  # max_workers x 2
+    assert decode_resources(cfg, "decode_node") == (2.0, 0.25)  # 8 tasks in 2 slots, never 8 slots
+    monkeypatch.setattr(rd, "cluster_capacity", lambda: None)  # no autoscaler config: one slot per worker
+    assert decode_resources(cfg, "decode_node") == (8.0, 1.0)

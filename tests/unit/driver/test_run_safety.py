@@ -303,3 +303,52 @@ def test_config_changes_compare_missing_fields_as_defaults():
     assert config_changes(stored, current) == {}
     stored["train"]["resume"] = True  # how a run was started is not a change
     assert config_changes(stored, current) == {}
+
+
+def test_recovery_waits_under_its_own_deadline_and_counts_only_real_failures(tmp_path, straight):
+    """The rebuild's placement gets train.recovery_timeout_s; a rebuild that fails for real counts and is retried;
+    one failure beyond train.max_failures ends the run naming the last."""
+    cfgs, built, fired = [], [], []
+    rebuild_faults = [TimeoutError("encoder actor died while starting")]
+
+    def factory(c):  # noqa: ANN001, ANN202
+        cfgs.append(c)
+        if len(cfgs) == 2 and rebuild_faults:  # the first rebuild fails, the second succeeds
+            raise rebuild_faults.pop()
+        built.append(FakeRuntime(c, faults))
+        return built[-1]
+
+    faults: list[BaseException] = []
+
+    def hook(step: int) -> None:
+        if step == 2 and not fired:
+            fired.append(step)
+            faults.append(TimeoutError("lm node lost"))
+
+    cfg = _cfg(tmp_path, "train.ckpt_interval=1", "train.max_failures=2", "parallel.placement_timeout_s=60",
+               "train.recovery_timeout_s=900")  # fmt: skip
+    with TrainLoop(cfg, factory, on_step_start=hook) as loop:
+        summary = loop.run()
+    assert [c.parallel.placement_timeout_s for c in cfgs] == [60, 900, 900]
+    assert summary["failures"] == [
+        "step 2: TimeoutError: lm node lost",
+        "recovery after step 2: TimeoutError: encoder actor died while starting",
+    ]
+    assert [r.loaded for r in built] == [[], ["step_0000002"]]
+    assert _losses(tmp_path) == pytest.approx(straight[0], rel=1e-12, abs=0)
+
+    out = tmp_path / "again"
+    always = [TimeoutError(f"rebuild {i}") for i in range(5)]
+
+    def failing(c):  # noqa: ANN001, ANN202
+        if always and c.parallel.placement_timeout_s == 900:
+            raise always.pop(0)
+        return FakeRuntime(c, faults)
+
+    fired.clear()
+    with pytest.raises(RuntimeError) as err, TrainLoop(_cfg(out, "train.ckpt_interval=1", "train.max_failures=2",
+                                                            "train.recovery_timeout_s=900"), failing,
+                                                       on_step_start=hook) as loop:  # fmt: skip
+        loop.run()
+    assert str(err.value) == ("giving up after 2 recoveries (train.max_failures=2); last failure at recovery after "
+                              "step 2: rebuild 1")  # fmt: skip
