@@ -8,10 +8,9 @@ import numpy as np
 
 from mimo_ray.data.errors import MediaError
 from mimo_ray.data.media_source import MediaSource, checked_source, describe
+from mimo_ray.data.video_backend import resolve_video_backend
+from mimo_ray.data.video_readers import open_video_reader
 from mimo_ray.media.geometry import ASPECT_MODES, fit_picture, same_aspect
-
-# Message of decord's failed buffer copy for frame widths whose row stride it gets wrong.
-_DECORD_STRIDE_BUG = "DECORDArrayCopyFromTo"
 
 
 def sample_frame_indices(
@@ -21,7 +20,7 @@ def sample_frame_indices(
 
     The clip is cut into ``num_frames`` equal segments. For evaluation the centre of each segment is taken;
     for training one frame is drawn uniformly inside each segment (temporal jitter as augmentation). Indices
-    are strictly increasing, so decord can fetch them with one forward pass.
+    are strictly increasing, so the decoder can fetch them with one forward pass.
 
     Args:
         num_total: Number of frames in the clip.
@@ -60,12 +59,14 @@ def decode_video(
     rng: np.random.Generator | None = None,
     num_threads: int = 1,
     aspect: str = "stretch",
+    backend: str | None = None,
 ) -> np.ndarray:
     """Decodes ``num_frames`` frames of a video, fitted to ``size`` by ``aspect``.
 
-    Frames are picked with :func:`sample_frame_indices` and fetched with a single sorted ``get_batch`` call. A clip
-    that already has the target's aspect ratio (or ``aspect="stretch"``) is resized by the decoder; otherwise frames
-    are decoded at their native size and padded or cropped (:func:`mimo_ray.media.geometry.fit_picture`).
+    Frames are picked with :func:`sample_frame_indices` and fetched with a single sorted ``get_batch`` call, by decord
+    or PyAV (:mod:`mimo_ray.data.video_backend`; both give the same frames). A clip that already has the target's
+    aspect ratio (or ``aspect="stretch"``) is resized by the decoder; otherwise frames are decoded at their native
+    size and padded or cropped (:func:`mimo_ray.media.geometry.fit_picture`).
 
     Args:
         source: Path to the video file, or its bytes.
@@ -76,6 +77,8 @@ def decode_video(
         num_threads: Decoder threads; 1 suits many parallel decode workers, 0 lets FFmpeg choose.
         aspect: ``pad`` (mean-colour pad to the target ratio, then resize), ``crop`` (resize the short side, centre
             crop) or ``stretch`` (``data.image_aspect``).
+        backend: ``auto``, ``decord`` or ``pyav``; ``None`` reads ``MIMO_VIDEO_BACKEND`` (default ``auto``: decord
+            where it imports, else PyAV).
 
     Returns:
         uint8 RGB ``[num_frames, H, W, 3]``.
@@ -83,37 +86,37 @@ def decode_video(
     Raises:
         MediaError: stage ``"open"`` (missing or empty), ``"decode"`` (not a decodable video), ``"frames"``
             (fewer frames than ``num_frames``).
+        ValueError: an unknown ``backend`` or ``aspect``.
+        RuntimeError: ``backend`` ``decord`` where decord does not import.
     """
-    import decord  # deferred: decord loads FFmpeg libraries, not needed by processes that only tokenise
-
     out_size = _checked_size(size)
     height, width = out_size
     name = describe(source)
     src = checked_source(source)
     if aspect not in ASPECT_MODES:
         raise ValueError(f"aspect must be one of {ASPECT_MODES}, got {aspect!r}")
+    decoder = resolve_video_backend(backend)  # a bad name or a missing forced decord is no fault of the file
     native = _native_size(src) if aspect != "stretch" else None
     if native is not None and not same_aspect(*native, out_size):
         height, width = native  # decode at the native size; fitted below
     try:
-        reader = decord.VideoReader(src, width=width, height=height, num_threads=num_threads)
+        reader = open_video_reader(src, width, height, backend=decoder, num_threads=num_threads)
         num_total = len(reader)
-    except Exception as exc:  # decord raises bare RuntimeError/DECORDError for every failure
+    except Exception as exc:  # decord raises bare RuntimeError/DECORDError, PyAV FFmpegError/ValueError
         raise MediaError("decode", f"{name}: cannot decode as video: {_first_line(exc)}") from exc
     try:
-        indices = sample_frame_indices(num_total, num_frames, train=train, rng=rng)
-    except ValueError as exc:
-        raise MediaError("frames", f"{name}: {exc}") from exc
-    try:
-        frames = reader.get_batch(indices.tolist()).asnumpy()
-    except Exception as exc:
-        if _DECORD_STRIDE_BUG not in str(exc):
+        try:
+            indices = sample_frame_indices(num_total, num_frames, train=train, rng=rng)
+        except ValueError as exc:
+            raise MediaError("frames", f"{name}: {exc}") from exc
+        try:
+            frames = reader.get_batch(indices.tolist())
+        except Exception as exc:
             raise MediaError(
                 "decode", f"{name}: decoding frames {indices.tolist()} failed: {_first_line(exc)}"
             ) from exc
-        # decord 0.6 cannot copy out frames of some widths (1-4, 6, 8, 12, 16, 24, 48, 72 px, resized or
-        # native); FFmpeg through PyAV handles any width, decoding sequentially.
-        frames = _decode_indices_with_av(src, name, indices, height, width)
+    finally:
+        reader.close()
     if frames.shape != (num_frames, height, width, 3):
         raise MediaError("decode", f"{name}: decoder returned frames of shape {frames.shape}")
     if (height, width) != out_size:
@@ -141,38 +144,6 @@ def _native_size(src: str | io.BytesIO) -> tuple[int, int] | None:
             src.seek(0)
 
 
-def _decode_indices_with_av(
-    src: str | io.BytesIO, name: str, indices: np.ndarray, height: int, width: int
-) -> np.ndarray:
-    """Decodes the frames at ``indices`` (sorted) with PyAV, resized to ``(height, width)``.
-
-    Returns:
-        uint8 ``[len(indices), height, width, 3]``.
-    """
-    import av
-
-    if isinstance(src, io.BytesIO):
-        src.seek(0)
-    wanted = {int(i): n for n, i in enumerate(indices)}
-    frames = np.empty((len(indices), height, width, 3), dtype=np.uint8)
-    found = 0
-    try:
-        with av.open(src) as container:
-            for k, frame in enumerate(container.decode(video=0)):
-                if k in wanted:
-                    frames[wanted[k]] = frame.to_ndarray(width=width, height=height, format="rgb24")
-                    found += 1
-                if k >= indices[-1]:
-                    break
-    except Exception as exc:
-        raise MediaError(
-            "decode", f"{name}: decoding frames {indices.tolist()} failed: {_first_line(exc)}"
-        ) from exc
-    if found != len(indices):
-        raise MediaError("frames", f"{name}: stream ended after {found} of the frames {indices.tolist()}")
-    return frames
-
-
 def decode_image(source: MediaSource, size: tuple[int, int], aspect: str = "stretch") -> np.ndarray:
     """Decodes a still image (PNG, JPEG, ... anything FFmpeg reads), fitted to ``size`` by ``aspect``.
 
@@ -188,7 +159,7 @@ def decode_image(source: MediaSource, size: tuple[int, int], aspect: str = "stre
     Raises:
         MediaError: stage ``"open"`` (missing or empty) or ``"decode"`` (not a decodable image).
     """
-    import av  # deferred like decord above
+    import av  # deferred: loads FFmpeg's libraries
 
     height, width = _checked_size(size)
     if aspect not in ASPECT_MODES:

@@ -174,4 +174,15 @@ def machine_info() -> dict[str, Any]:
         "megatron-core": version("megatron-core"),
         "decord": version("decord"),
         "av": version("av"),
+        "video_backend": _video_backend(),
     }
+
+
+def _video_backend() -> str:
+    """The video decoder this process uses (``MIMO_VIDEO_BACKEND``), or why none can be used."""
+    from mimo_ray.data.video_backend import resolve_video_backend
+
+    try:
+        return resolve_video_backend()
+    except (ValueError, RuntimeError) as exc:
+        return f"error: {exc}"
