@@ -156,7 +156,8 @@ def test_example_custom_modality_learns_and_answers(tmp_path):
 
 
 def test_example_train_manifest_from_python(tmp_path):
-    out = _run_example("train_manifest", "--synthetic", "24", "--steps", "4", "--out", str(tmp_path / "av"))
+    out = _run_example("train_manifest", "--synthetic", "24", "--steps", "4", "--runtime", "fused",
+                       "--out", str(tmp_path / "av"))  # the disaggregated Trainer path is tested above
     assert "trained 4 steps" in out and "quarantined 0" in out, out[-2000:]
     answers = [line for line in out.splitlines() if line.startswith("syn-") and "(reference " in line]
     assert len(answers) == 4, out[-2000:]
