@@ -26,7 +26,7 @@ from mimo_ray.convert.hf_dir import HFDir
 from mimo_ray.convert.hf_save import DTYPE_NAMES, check_dtype, parse_size, save_weights, set_config_dtype
 from mimo_ray.convert.importer import clip_prefix, whisper_prefix
 from mimo_ray.convert.mapping import Rule, clip_rules, lm_rules, split, whisper_rules
-from mimo_ray.parallel.layer_layout import LOCAL, layout_of
+from mimo_ray.parallel.layer_layout import LOCAL, layout_of, to_layout
 
 
 @dataclass(frozen=True)
@@ -263,7 +263,7 @@ def export_run(checkpoint: str, output: str, dtype: str = "fp32", max_shard_size
     opts = ExportOptions(dtype, max_shard_size)
     step = ckpt.resolve(checkpoint)
     cfg = config_from_dict(json.loads((step / "driver.json").read_text())["config"])
-    state = full_state(step, cfg)
+    state = to_layout(full_state(step, cfg), LOCAL)  # encoders too, were they built from TE layers
     out = Path(output)
     written: dict[str, Path] = {"lm": export_lm(cfg, state, out / "lm", opts)}
     vision_mods = [m for m in cfg.model.modalities if m in ("video", "images")]

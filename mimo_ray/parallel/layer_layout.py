@@ -10,14 +10,18 @@ Everything else (linear weights and biases, embeddings, the final norm, the outp
 shape in both. The norm tensors are replicated under tensor parallelism in both layouts, so TP slices of one
 layout are TP slices of the other after renaming.
 
+Layouts are per *stack* (the key prefix before ``layers.<i>.``: ``language_model.decoder.``,
+``modality_submodules.video.encoders.clip.vit.decoder.``, ...): with ``model.transformer_impl`` the LM may be TE
+while the encoders stay local, so a fused model mixes layouts across stacks, never within one.
+
     state = to_layout(state, "te")                    # local names → TE names (``_extra_state`` entries dropped)
-    state = match_module(state, module.state_dict())  # whatever layout the module was built with
+    state = match_module(state, module.state_dict())  # each stack in the layout the module built it with
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import TypeVar
 
 LOCAL = "local"
@@ -33,7 +37,7 @@ LOCAL_TO_TE = {
 }
 TE_TO_LOCAL = {te: local for local, te in LOCAL_TO_TE.items()}
 
-_IN_LAYER = re.compile(r"^(?P<layer>(?:.*\.)?layers\.\d+\.)(?P<rest>.+)$")
+_IN_LAYER = re.compile(r"^(?P<stack>(?:.*\.)?)(?P<index>layers\.\d+\.)(?P<rest>.+)$")
 EXTRA_STATE = "_extra_state"
 
 V = TypeVar("V")
@@ -60,56 +64,86 @@ def rename(key: str, layout: str) -> str:
         return key
     table = LOCAL_TO_TE if layout == TE else TE_TO_LOCAL
     rest = match["rest"]
-    return match["layer"] + table.get(rest, rest)
+    return match["stack"] + match["index"] + table.get(rest, rest)
 
 
-def layout_of(keys: Iterable[str]) -> str | None:
-    """``te`` when a key holds a fused layer norm, ``local`` when a key is a separate layer norm, ``None`` when the
-    keys have no transformer-layer norms at all (nothing to rename).
+def stack_layouts(keys: Iterable[str]) -> dict[str, str]:
+    """``{stack prefix: layout}`` for every stack whose keys hold layer norms (``te`` when fused into the linears,
+    ``local`` when separate).
 
     Raises:
-        ValueError: keys of both layouts (a state dict mixing them cannot be loaded anywhere).
+        ValueError: one stack holds keys of both layouts (naming it).
     """
-    found = set()
+    found: dict[str, set[str]] = {}
     for key in keys:
         match = _IN_LAYER.match(key)
         if match is None:
             continue
         if match["rest"] in LOCAL_TO_TE:
-            found.add(LOCAL)
+            found.setdefault(match["stack"], set()).add(LOCAL)
         elif match["rest"] in TE_TO_LOCAL:
-            found.add(TE)
-    if len(found) > 1:
+            found.setdefault(match["stack"], set()).add(TE)
+    mixed = sorted(stack for stack, kinds in found.items() if len(kinds) > 1)
+    if mixed:
+        raise ValueError(f"the layers under {mixed[0]!r} mix the local and the transformer-engine layer layouts")
+    return {stack: kinds.pop() for stack, kinds in found.items()}
+
+
+def layout_of(keys: Iterable[str]) -> str | None:
+    """The one layout of ``keys`` (``None`` when they hold no layer norms, nothing to rename).
+
+    Raises:
+        ValueError: ``keys`` mix both layouts (in one stack or across stacks).
+    """
+    kinds = set(stack_layouts(keys).values())
+    if len(kinds) > 1:
         raise ValueError("state dict mixes the local and the transformer-engine layer layouts")
-    return found.pop() if found else None
+    return kinds.pop() if kinds else None
+
+
+def _targets(keys: list[str], want: Callable[[str], str | None]) -> list[str | None]:
+    """Per key: the layout to rename it to, ``None`` to keep it (its stack already has that layout or none)."""
+    have = stack_layouts(keys)
+    out: list[str | None] = []
+    for key in keys:
+        match = _IN_LAYER.match(key)
+        target = want(match["stack"]) if match else None
+        out.append(None if target is None or have.get(match["stack"]) in (None, target) else target)
+    return out
+
+
+def _convert(state: Mapping[str, V], want: Callable[[str], str | None]) -> dict[str, V]:
+    out: dict[str, V] = {}
+    for (key, value), target in zip(state.items(), _targets(list(state), want), strict=True):
+        if target is None:
+            out[key] = value
+        elif not key.endswith(EXTRA_STATE):  # TE's fp8 metadata means nothing to the other layout (local: None)
+            out[rename(key, target)] = value
+    return out
 
 
 def to_layout(state: Mapping[str, V], layout: str) -> dict[str, V]:
-    """``state`` with every key under ``layout``'s name; when that renames anything, layer ``_extra_state`` entries
-    are dropped (TE's fp8 metadata has no meaning in the other layout, local ones are ``None``).
+    """``state`` with every layer key under ``layout``'s name; in each stack that this renames, the layers'
+    ``_extra_state`` entries are dropped.
 
     Raises:
-        ValueError: an unknown layout, or ``state`` mixes both layouts.
+        ValueError: an unknown layout, or a stack of ``state`` mixes both layouts.
     """
     _check(layout)
-    have = layout_of(state)
-    if have is None or have == layout:
-        return dict(state)
-    return {rename(k, layout): v for k, v in state.items() if not k.endswith(EXTRA_STATE)}
+    return _convert(state, lambda stack: layout)
 
 
 def match_module(state: Mapping[str, V], module_keys: Iterable[str]) -> dict[str, V]:
-    """``state`` in the layout of a module with ``module_keys`` (its ``state_dict()`` keys): a checkpoint written
-    with one layout loads into a model built with the other. Unchanged when either side has no layer norms.
+    """``state`` with each stack in the layout the module (its ``state_dict()`` keys) built that stack with: a
+    checkpoint written with one layout loads into a model built with the other. Stacks without layer norms on
+    either side are left as they are.
     """
-    want = layout_of(module_keys)
-    return to_layout(state, want) if want is not None else dict(state)
+    want = stack_layouts(module_keys)
+    return _convert(state, want.get)
 
 
 def rename_all(names: Iterable[str], like: Iterable[str]) -> list[str]:
-    """Names (e.g. an optimizer's ``param_names``) in the layout of ``like`` (the module's names)."""
+    """Names (e.g. an optimizer's ``param_names``) with each stack in the layout of ``like`` (the module's names)."""
     names = list(names)
-    want = layout_of(like)
-    if want is None or layout_of(names) in (None, want):
-        return names
-    return [rename(n, want) for n in names]
+    targets = _targets(names, stack_layouts(like).get)
+    return [name if target is None else rename(name, target) for name, target in zip(names, targets, strict=True)]

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 from spec_names import spec_param_names, te_spec_without_te
 
-from mimo_ray.convert.exporter import export_run
+from mimo_ray.convert.exporter import export_lm, export_run, full_state
 from mimo_ray.convert.importer import import_run
 from mimo_ray.convert.mapping import lm_rules
 from mimo_ray.model import build_lm_part
@@ -78,6 +78,10 @@ def test_te_layout_round_trip_and_cross_layout_load(hf_dirs, tmp_path, megatron_
         if key in ("model.embed_tokens.weight", "lm_head.weight"):
             after[key] = after[key][: value.shape[0]]  # the 3 modality tags' rows are added
         assert torch.equal(after[key], value), key
+    te_state = full_state(step, cfg)  # TE names (export_lm tells the layout from the keys)
+    assert ll.layout_of(te_state) == ll.TE
+    direct = load_file(f"{export_lm(cfg, te_state, tmp_path / 'direct')}/model.safetensors")
+    assert direct.keys() == after.keys() and all(torch.equal(direct[k][: after[k].shape[0]], after[k]) for k in after)
 
     # The TE-layout import (TP 2, joined for TP 1) loads into the local-layout model this machine builds, equal to
     # the local-layout import.

@@ -100,7 +100,18 @@ def test_layout_helpers():
     assert ll.to_layout(local, ll.LOCAL) == local
     assert ll.match_module(local, te) == te and ll.match_module(te, ["x.weight"]) == te
     assert ll.rename_all(list(local), te) == [ll.rename(k, ll.TE) for k in local]
-    with pytest.raises(ValueError, match="mixes the local and the transformer-engine"):
+    with pytest.raises(ValueError, match="layers under 'language_model.decoder.' mix the local and the transformer"):
         ll.layout_of([*local, *te])
+    # A fused model with a TE LM and local encoders: each stack keeps its own layout.
+    enc = "modality_submodules.video.encoders.clip.vit.decoder.layers.0."
+    mixed_module = [*te, f"{enc}input_layernorm.weight", f"{enc}input_layernorm.bias"]
+    assert ll.stack_layouts(mixed_module) == {"language_model.decoder.": ll.TE,
+                                              "modality_submodules.video.encoders.clip.vit.decoder.": ll.LOCAL}
+    state = {**local, f"{enc}input_layernorm.weight": 5, f"{enc}self_attention.linear_qkv._extra_state": None}
+    assert ll.match_module(state, mixed_module) == {**te, f"{enc}input_layernorm.weight": 5,
+                                                    f"{enc}self_attention.linear_qkv._extra_state": None}
+    assert ll.rename_all(list(state), mixed_module)[:2] == list(te)[:2]
+    with pytest.raises(ValueError, match="state dict mixes"):
+        ll.layout_of(mixed_module)
     with pytest.raises(ValueError, match="layer layout 'fp8'"):
         ll.rename("layers.0.input_layernorm.weight", "fp8")
