@@ -323,6 +323,7 @@ class OutputsConfig:
 
 
 FREEZABLE = ("vision", "audio", "lm", "projections")
+TRANSFORMER_IMPLS = ("auto", "local", "transformer_engine")
 
 
 @dataclass
@@ -338,6 +339,10 @@ class ModelConfig:
         default_factory=lambda: {mod: SPECIAL_TOKENS[tag] for mod, tag in MODALITY_TAGS.items()}
     )
     attention_backend: str = "sdpa"
+    # The LM's transformer layers: "local" (Megatron's local layers with model.attention_backend's core attention),
+    # "transformer_engine" (Megatron's TE spec: fused layer-norm + linear, TE attention; needs transformer_engine
+    # and CUDA), or "auto" = transformer_engine where it is importable and the model is built on CUDA, else local.
+    transformer_impl: str = "auto"
     params_dtype: str = "fp32"
     hidden_dropout: float = 0.0
     attention_dropout: float = 0.0
@@ -364,6 +369,12 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _check_choice("model.attention_backend", self.attention_backend, ("sdpa", "local", "te"))
+        _check_choice("model.transformer_impl", self.transformer_impl, TRANSFORMER_IMPLS)
+        if self.attention_backend == "te" and self.transformer_impl == "local":
+            raise ValueError(
+                "model.attention_backend='te' builds every layer from transformer-engine's spec, which contradicts "
+                "model.transformer_impl='local'; use model.transformer_impl=auto or transformer_engine"
+            )
         for part in self.freeze:
             _check_choice("model.freeze[]", part, (*FREEZABLE, *(m for m in self.modalities if m not in MODALITIES)))
         if self.spec_factory is not None and ":" not in self.spec_factory:

@@ -28,6 +28,9 @@ def _parser() -> argparse.ArgumentParser:
     imp.add_argument("--audio", help="Whisper directory (WhisperModel / WhisperForConditionalGeneration)")
     imp.add_argument("--output-dir", required=True, help="the new run directory")
     imp.add_argument("--preset", "--config", dest="preset", default="tiny", help="preset name or YAML path")
+    imp.add_argument("--lm-layout", default="local", choices=("local", "te"),
+                     help="LM layer-norm names: local (input_layernorm) or te (fused into linear_qkv / linear_fc1); "
+                          "either loads into a model of either layout")
     exp = sub.add_parser("export", help="a run's checkpoint → HF directories")
     exp.add_argument("--checkpoint", required=True, help="run dir, checkpoints dir or step dir")
     exp.add_argument("--output", required=True, help="output directory (lm/, vision/, audio/, *_projector.safetensors)")
@@ -49,7 +52,7 @@ def main(argv: list[str] | None = None) -> dict:
         if ns.command == "import":
             from mimo_ray.convert.importer import import_run
 
-            cfg, step = import_run(ns.lm, ns.vision, ns.audio, ns.output_dir, ns.preset, rest)
+            cfg, step = import_run(ns.lm, ns.vision, ns.audio, ns.output_dir, ns.preset, rest, ns.lm_layout)
             out = {"checkpoint": str(step), "config": str(Path(ns.output_dir) / "config.yaml"),
                    "pretrained": dict(cfg.model.pretrained)}
         else:

@@ -2,11 +2,12 @@
 
     dirs = export_run("runs/avlm", "hf_out")      # {"lm": hf_out/lm, "vision": hf_out/vision, "audio": hf_out/audio}
 
-The checkpoint may come from any runtime (fused, encoder groups, LM TP shards: joined with the stride rule) or be a
-step-0 import. The LM gets our vocabulary without padding, the run's tokenizer and chat template. Encoders are
-written in their source directory's layout: tensors mimo_ray does not hold (CLIP's text tower and post-norm, CLIP
-layers past ``feature_layer``, Whisper's decoder, Whisper positions past the configured clip) are copied from the
-directory the run recorded in ``model.pretrained``.
+The checkpoint may come from any runtime (fused, encoder groups, LM TP shards: joined with the stride rule), with the
+LM in either layer layout (local or transformer-engine names, told apart by its keys), or be a step-0 import. The LM
+gets our vocabulary without padding, the run's tokenizer and chat template. Encoders are written in their source
+directory's layout: tensors mimo_ray does not hold (CLIP's text tower and post-norm, CLIP layers past
+``feature_layer``, Whisper's decoder, Whisper positions past the configured clip) are copied from the directory the
+run recorded in ``model.pretrained``.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from mimo_ray.convert.hf_dir import HFDir
 from mimo_ray.convert.hf_save import DTYPE_NAMES, check_dtype, parse_size, save_weights, set_config_dtype
 from mimo_ray.convert.importer import clip_prefix, whisper_prefix
 from mimo_ray.convert.mapping import Rule, clip_rules, lm_rules, split, whisper_rules
+from mimo_ray.parallel.layer_layout import LOCAL, layout_of, to_layout
 
 
 @dataclass(frozen=True)
@@ -130,7 +132,8 @@ def export_lm(cfg: Config, state: dict[str, torch.Tensor], out: Path, opts: Expo
     if not (lm.swiglu and lm.normalization == "RMSNorm" and lm.position_embedding_type == "rope"
             and not lm.add_bias_linear):
         raise ValueError("only LLaMA-shaped LMs export (model.lm.swiglu, RMSNorm, rope, add_bias_linear=false)")
-    rules = lm_rules(cfg.model, "model.", lm.vocab_size)
+    lm_keys = [k for k in state if k.startswith("language_model.")]
+    rules = lm_rules(cfg.model, "model.", lm.vocab_size, layout_of(lm_keys) or LOCAL)
     rows = {r.ours: lm.vocab_size for r in rules if r.kind == "rows"}
     tensors = _export_tensors(rules, state, rows)
     _save(tensors, out, opts)
@@ -260,7 +263,7 @@ def export_run(checkpoint: str, output: str, dtype: str = "fp32", max_shard_size
     opts = ExportOptions(dtype, max_shard_size)
     step = ckpt.resolve(checkpoint)
     cfg = config_from_dict(json.loads((step / "driver.json").read_text())["config"])
-    state = full_state(step, cfg)
+    state = to_layout(full_state(step, cfg), LOCAL)  # encoders too, were they built from TE layers
     out = Path(output)
     written: dict[str, Path] = {"lm": export_lm(cfg, state, out / "lm", opts)}
     vision_mods = [m for m in cfg.model.modalities if m in ("video", "images")]

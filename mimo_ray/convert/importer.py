@@ -6,7 +6,9 @@
 The config comes from the preset, then each ``config.json`` (architecture knobs and sizes), then the overrides. The
 LM's tokenizer gets the modality tags as new special tokens (new embedding rows: the mean of the HF rows); the
 vocabulary is padded for ``parallel.lm_tp``. Tensors are read one at a time (safetensors are memory-mapped) and every
-LM tensor-parallel rank gets its own slice (SwiGLU ``linear_fc1`` with stride 2).
+LM tensor-parallel rank gets its own slice (SwiGLU ``linear_fc1`` with stride 2). The LM is written in the ``local``
+layer layout unless ``lm_layout="te"`` (transformer-engine names); a model built with the other layout renames on load
+(:func:`mimo_ray.parallel.layer_layout.match_module`).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from mimo_ray.convert.mapping import (
 from mimo_ray.convert.tokenizer_files import prepare_tokenizer
 from mimo_ray.model.layers import DTYPES
 from mimo_ray.parallel import imported_layout as layout
+from mimo_ray.parallel.layer_layout import LAYOUTS, LOCAL
 from mimo_ray.parallel.tp_shards import shard
 
 log = logging.getLogger("mimo_ray")
@@ -170,12 +173,13 @@ def _write_encoder(step: Path, src: HFDir, rules: list[Rule], part: str, flag: s
     return sum(t.numel() for t in state.values())
 
 
-def _write_lm(step: Path, src: HFDir, cfg: Config, dtype: torch.dtype) -> tuple[int, dict[str, list[int]]]:
+def _write_lm(step: Path, src: HFDir, cfg: Config, dtype: torch.dtype, lm_layout: str = LOCAL,
+              ) -> tuple[int, dict[str, list[int]]]:
     lm = cfg.model.lm
     tp = cfg.parallel.lm_tp
     prefix = lm_prefix(src)
     hf_vocab = src.get(f"{prefix}embed_tokens.weight").shape[0]
-    rules = lm_rules(cfg.model, prefix, hf_vocab)
+    rules = lm_rules(cfg.model, prefix, hf_vocab, lm_layout)
     if lm.untie_embeddings_and_output_weights and "lm_head.weight" not in src:
         raise ValueError(f"--lm {src.path}: tie_word_embeddings is false but HF key 'lm_head.weight' is missing")
     shards: list[dict[str, torch.Tensor]] = [{} for _ in range(tp)]
@@ -203,8 +207,11 @@ def _write_lm(step: Path, src: HFDir, cfg: Config, dtype: torch.dtype) -> tuple[
 
 
 def import_run(lm: str | None, vision: str | None, audio: str | None, output_dir: str, preset: str = "tiny",
-               overrides: list[str] | None = None) -> tuple[Config, Path]:
+               overrides: list[str] | None = None, lm_layout: str = LOCAL) -> tuple[Config, Path]:
     """Import local HF directories into ``output_dir`` (config, tokenizer, ``checkpoints/step_0000000``).
+
+    ``lm_layout`` names the LM's layer norms: ``local`` (``input_layernorm.weight``) or ``te`` (transformer-engine:
+    ``self_attention.linear_qkv.layer_norm_weight``); either loads into a model of either layout.
 
     Returns:
         ``(config, checkpoint directory)``.
@@ -217,6 +224,8 @@ def import_run(lm: str | None, vision: str | None, audio: str | None, output_dir
 
     if lm is None and vision is None and audio is None:
         raise ValueError("nothing to import: give --lm, --vision and/or --audio")
+    if lm_layout not in LAYOUTS:
+        raise ValueError(f"lm_layout={lm_layout!r} must be one of {', '.join(LAYOUTS)}")
     t0 = time.perf_counter()
     out = Path(output_dir)
     srcs = {
@@ -250,13 +259,14 @@ def import_run(lm: str | None, vision: str | None, audio: str | None, output_dir
                                          dtype)
         parts.append("audio")
     if srcs["lm"] is not None:
-        counts[layout.LM_PART], tp_layout = _write_lm(tmp, srcs["lm"], cfg, dtype)
+        counts[layout.LM_PART], tp_layout = _write_lm(tmp, srcs["lm"], cfg, dtype, lm_layout)
         parts.append(layout.LM_PART)
     for src in srcs.values():
         if src is not None:
             src.close()
     layout.write_manifest(tmp, {"lm_tp": cfg.parallel.lm_tp, "parts": parts, "num_params": counts,
-                                 "lm_tp_layout": tp_layout, "sources": dict(model.pretrained)})
+                                 "lm_tp_layout": tp_layout, "sources": dict(model.pretrained),
+                                 "lm_layout": lm_layout if srcs["lm"] is not None else None})
     tok = ChatTokenizer.from_config(cfg).to_dict()
     state = {"step": 0, "samples_consumed": 0, "config": config_to_dict(cfg), "tokenizer": tok,
              "chat_template": tok["chat_template"], "special_token_ids": tok["special_tokens"],

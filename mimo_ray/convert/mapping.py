@@ -11,6 +11,9 @@ A :class:`Rule` says how one of our tensors is made from one or more HF tensors 
   vocabularies: HF rows first, rows we add for new special tokens after them).
 
 Keys are full names: ours as in the fused ``MimoRayModel`` state dict, HF's with the prefix found in the directory.
+The LM's rules name our tensors in either layer layout (:mod:`mimo_ray.parallel.layer_layout`): ``local`` (separate
+``input_layernorm`` / ``pre_mlp_layernorm``) or ``te`` (the norms fused into ``linear_qkv`` / ``linear_fc1`` as
+``layer_norm_weight``); the HF side is the same for both.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import torch
 
 from mimo_ray.config import ModelConfig
 from mimo_ray.parallel.imported_layout import lm_tp_layout  # noqa: F401 - re-exported (importer, exporter, tests)
+from mimo_ray.parallel.layer_layout import LOCAL, rename
 
 
 @dataclass
@@ -185,13 +189,19 @@ def whisper_rules(model: ModelConfig, hf_prefix: str) -> list[Rule]:
     return rules
 
 
-def lm_rules(model: ModelConfig, hf_prefix: str, hf_vocab: int) -> list[Rule]:
+def lm_rules(model: ModelConfig, hf_prefix: str, hf_vocab: int, layout: str = LOCAL) -> list[Rule]:
     """Our GPTModel ↔ HF LLaMA / Mistral / Qwen2 keys (``hf_prefix``: ``model.`` for ``*ForCausalLM``).
 
     Args:
         model: the model config (``lm.vocab_size`` may exceed ``hf_vocab`` by added special tokens).
         hf_prefix: prefix of the decoder keys.
         hf_vocab: rows of the HF embedding table.
+        layout: our layer layout, ``local`` or ``te`` (transformer-engine: ``input_layernorm.weight`` is
+            ``self_attention.linear_qkv.layer_norm_weight``, ``pre_mlp_layernorm.weight`` is
+            ``mlp.linear_fc1.layer_norm_weight``).
+
+    Raises:
+        ValueError: an unknown layout.
     """
     lm = model.lm
     h, heads = lm.hidden_size, lm.num_attention_heads
@@ -212,6 +222,8 @@ def lm_rules(model: ModelConfig, hf_prefix: str, hf_vocab: int) -> list[Rule]:
     rules += _norm("language_model.decoder.final_layernorm", f"{hf_prefix}norm", h, bias=False)
     if lm.untie_embeddings_and_output_weights:
         rules.append(Rule("language_model.output_layer.weight", ("lm_head.weight",), "rows", ((hf_vocab, h),), rows))
+    for rule in rules:
+        rule.ours = rename(rule.ours, layout)
     return rules
 
 

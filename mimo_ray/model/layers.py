@@ -3,7 +3,11 @@
 Three attention backends, selected by ``model.attention_backend``:
 - ``sdpa`` (default): :class:`~mimo_ray.model.attention.SDPAttention` in a local (pure-PyTorch) layer;
 - ``local``: Megatron's own ``DotProductAttention`` in the same layer;
-- ``te``: transformer-engine layers, only where ``transformer_engine`` is importable (GPU clusters).
+- ``te``: transformer-engine layers everywhere, only where ``transformer_engine`` is importable (GPU clusters).
+
+The LM's layers follow ``model.transformer_impl`` (:func:`resolve_transformer_impl`): ``auto`` builds Megatron's
+transformer-engine spec where TE is importable and the model is built on CUDA, the local layer above otherwise (the
+CPU path). The two have different parameter names for the layer norms (:mod:`mimo_ray.parallel.layer_layout`).
 """
 
 from __future__ import annotations
@@ -41,6 +45,57 @@ ACTIVATIONS = {"gelu": F.gelu, "quick_gelu": quick_gelu}
 def te_available() -> bool:
     """Whether transformer-engine can be imported here (never on our CPU machines)."""
     return importlib.util.find_spec("transformer_engine") is not None
+
+
+def resolve_transformer_impl(model: ModelConfig, cuda: bool | None = None) -> str:
+    """The LM's layer implementation for ``model.transformer_impl`` in this process.
+
+    Args:
+        model: the model section.
+        cuda: whether the model is built on CUDA (``None``: ``torch.cuda.is_available()``, which is what
+            :func:`mimo_ray.parallel.megatron_setup.default_device` places the model by).
+
+    Returns:
+        ``transformer_engine`` or ``local``.
+
+    Raises:
+        ValueError: ``transformer_engine`` asked for (or ``attention_backend='te'``) where TE is not importable.
+    """
+    impl = model.transformer_impl
+    if model.attention_backend == "te":  # TE everywhere (the config refuses it together with transformer_impl=local)
+        if not te_available():
+            raise ValueError("model.attention_backend='te' needs transformer_engine, which is not importable here")
+        return "transformer_engine"
+    if impl == "auto":
+        on_cuda = torch.cuda.is_available() if cuda is None else cuda
+        return "transformer_engine" if on_cuda and te_available() else "local"
+    if impl == "transformer_engine" and not te_available():
+        raise ValueError(
+            "model.transformer_impl='transformer_engine' needs transformer_engine, which is not importable here; "
+            "use model.transformer_impl=auto (TE where importable on CUDA) or local"
+        )
+    return impl
+
+
+def te_layer_spec(causal: bool) -> ModuleSpec:
+    """Megatron's transformer-engine GPT layer spec (``linear_qkv`` / ``linear_fc1`` fuse the layer norms) with
+    causal or bidirectional self-attention. Needs ``transformer_engine``.
+    """
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+    spec = get_gpt_layer_with_transformer_engine_spec()
+    mask = AttnMaskType.causal if causal else AttnMaskType.no_mask
+    spec.submodules.self_attention.params = {"attn_mask_type": mask}
+    return spec
+
+
+def lm_layer_spec(model: ModelConfig, cuda: bool | None = None) -> ModuleSpec:
+    """The LM's (causal) layer spec: TE's where :func:`resolve_transformer_impl` says so, else the local layer with
+    ``model.attention_backend``'s core attention.
+    """
+    if resolve_transformer_impl(model, cuda) == "transformer_engine":
+        return te_layer_spec(causal=True)
+    return layer_spec(model.attention_backend, causal=True)
 
 
 def transformer_config(
@@ -134,11 +189,7 @@ def layer_spec(backend: str, *, causal: bool) -> ModuleSpec:
     if backend == "te":
         if not te_available():
             raise ValueError("model.attention_backend='te' needs transformer_engine, which is not importable here")
-        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
-
-        spec = get_gpt_layer_with_transformer_engine_spec()
-        spec.submodules.self_attention.params = {"attn_mask_type": mask}
-        return spec
+        return te_layer_spec(causal)
     if backend not in ("sdpa", "local"):
         raise ValueError(f"model.attention_backend={backend!r} is not allowed; choose one of sdpa, local, te")
     core = SDPAttention if backend == "sdpa" else DotProductAttention

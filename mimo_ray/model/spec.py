@@ -13,7 +13,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 
 from mimo_ray.config import Config, ModelConfig
 from mimo_ray.model.audio import BeatsEncoder, WhisperEncoder
-from mimo_ray.model.layers import layer_spec, mlp_spec, transformer_config
+from mimo_ray.model.layers import layer_spec, lm_layer_spec, mlp_spec, transformer_config
 from mimo_ray.model.vision import FrameCLIPEncoder
 
 # The kwarg each encoder takes inside modality_inputs[modality][encoder_name] (C1).
@@ -189,7 +189,7 @@ def language_model_spec(model: ModelConfig, lm_tp: int = 1) -> ModuleSpec:
         module=GPTModel,
         params={
             "config": config,
-            "transformer_layer_spec": layer_spec(model.attention_backend, causal=True),
+            "transformer_layer_spec": lm_layer_spec(model),
             "vocab_size": lm.padded_vocab_size(lm_tp),
             "max_sequence_length": lm.seq_length,
             "position_embedding_type": lm.position_embedding_type,

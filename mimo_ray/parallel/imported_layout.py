@@ -15,6 +15,9 @@ directory) keep their seeded initialisation, identical in every runtime. There i
 ``roots`` in the manifest (``{part: fused-name prefix}``, e.g. ``video.input_projections`` →
 ``modality_submodules.video.input_projections.``) and the LM as one full ``language_model.tp0.pt`` (``lm_tp: 1``)
 that every LM rank of any TP size slices for itself.
+
+Part files hold either layer layout (local or transformer-engine norm names, the manifest's ``lm_layout``); a stage
+gets its share renamed to the layout its module was built with (:mod:`mimo_ray.parallel.layer_layout`).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from typing import Any
 
 import torch
 
+from mimo_ray.parallel.layer_layout import match_module
 from mimo_ray.parallel.tp_shards import shard, unshard
 
 IMPORTED = "imported"
@@ -150,7 +154,7 @@ def imported_state(step_dir: str | Path, module_keys: list[str], prefix: str, tp
             if not key.startswith(prefix) or not key.startswith(root):
                 continue
             state[key[len(prefix):]] = value
-    return state, required
+    return match_module(state, module_keys), required
 
 
 def load_imported(module: torch.nn.Module, step_dir: str | Path, prefix: str, tp_rank: int, tp: int) -> None:

@@ -22,6 +22,7 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from mimo_ray.config import Config
 from mimo_ray.model.freeze import freeze_parts
 from mimo_ray.parallel.imported_layout import is_imported, load_imported
+from mimo_ray.parallel.layer_layout import match_module, rename_all
 from mimo_ray.parallel.megatron_setup import init_megatron, seed_everything
 from mimo_ray.parallel.tp_shards import unshard
 from mimo_ray.stages.optim import (
@@ -347,11 +348,15 @@ class Stage:
             raise ValueError(f"checkpoint file {file} does not exist")
         else:
             state = torch.load(file, map_location=self.device, weights_only=True)
-        result = self.module.load_state_dict(state["model"], strict=False)
+        own = list(self.module.state_dict())
+        # A checkpoint of the other layer layout (local vs transformer-engine norm names) loads by renaming.
+        result = self.module.load_state_dict(match_module(state["model"], own), strict=False)
         missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
         if missing or result.unexpected_keys:
             raise ValueError(f"checkpoint {file}: missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}")
         optim = dict(state.get("optimizer") or {})
+        if optim.get("param_names"):
+            optim["param_names"] = rename_all(optim["param_names"], own)
         scaler = optim.pop("loss_scaler", None)
         if self.scaler is not None and scaler is not None:
             self.scaler.load_state_dict(scaler)
@@ -394,8 +399,11 @@ class Stage:
             raise ValueError(f"checkpoint {folder} lacks TP shard(s) {missing} (found {saved_tp} tp*.pt files)")
         old = [torch.load(f, map_location="cpu", weights_only=True) for f in files]
         layouts = tp_layouts(self.module.named_parameters(), swiglu=getattr(self.cfg.model.lm, "swiglu", False))
-        names = [n for n, _ in self._named_params()]
-        model = reshard_model([o["model"] for o in old], layouts, self.tp, self.tp_rank)
+        own = list(self.module.state_dict())
+        saved_names = (old[0].get("optimizer") or {}).get("param_names")
+        # The saved optimizer's parameter order, under this module's layer-layout names.
+        names = rename_all(saved_names, own) if saved_names else [n for n, _ in self._named_params()]
+        model = reshard_model([match_module(o["model"], own) for o in old], layouts, self.tp, self.tp_rank)
         optim = reshard_optimizer([o["optimizer"] for o in old], names, layouts, self.tp, self.tp_rank)
         to = self.device
         return {"model": {k: v.to(to) for k, v in model.items()}, "optimizer": optim}

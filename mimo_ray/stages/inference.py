@@ -19,6 +19,7 @@ from mimo_ray.model import build_lm_part, encode_modalities
 from mimo_ray.model.generate import generate
 from mimo_ray.model.output_generate import decode_generation
 from mimo_ray.parallel.imported_layout import is_imported, load_imported
+from mimo_ray.parallel.layer_layout import match_module
 from mimo_ray.stages.base import Stage, stage_call
 from mimo_ray.stages.encoder import EncoderStage
 from mimo_ray.stages.fused import FusedStage
@@ -81,7 +82,7 @@ def load_weights(stage: Stage, ckpt: str | Path) -> None:
         model = {k[len(prefix) :]: v for k, v in full.items() if k.startswith(prefix)}
         if isinstance(stage, LanguageInferStage):
             model = {k: v for k, v in full.items() if k.startswith(("language_model.", "output_decoders."))}
-    result = stage.module.load_state_dict(model, strict=False)
+    result = stage.module.load_state_dict(match_module(model, list(stage.module.state_dict())), strict=False)
     missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
     if missing or result.unexpected_keys:
         raise ValueError(f"checkpoint {ckpt}: missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}")

@@ -60,3 +60,38 @@ def test_cuda_free_checks_pass_on_cpu(megatron_world):
     assert all(c.passed for c in checks), [c for c in checks if not c.passed]
     assert tables == []
     assert "('cpu', 'torch.bfloat16')" in checks[0].detail
+
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _run(args, timeout=120):
+    import os
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the script must find mimo_ray by itself
+    return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_memory_only_runs_as_a_plain_script_on_cpu():
+    proc = _run(["jobs/gpu_check.py", "--memory-only"])
+    assert proc.returncode == 0, proc.stderr
+    assert "7B memory fit (arithmetic, estimate for an 80 GB H100): avlm-7b, LM TP=2" in proc.stdout
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| lm ")]
+    assert len(rows) == 5 and rows[0].rstrip(" |").endswith("NO") and all(r.rstrip(" |").endswith("yes")
+                                                                         for r in rows[1:])
+
+
+def test_missing_modules_get_an_actionable_message_not_a_traceback():
+    # A fresh GPU machine: no ray, no megatron (a module set to None in sys.modules cannot be imported or found).
+    code = ("import runpy, sys; sys.modules['ray'] = None; sys.modules['megatron'] = None; "
+            "sys.argv = ['jobs/gpu_check.py']; runpy.run_path('jobs/gpu_check.py', run_name='__main__')")
+    proc = _run(["-c", code])
+    assert proc.returncode == 2
+    assert "missing Python modules: ray (ray), megatron.core (megatron-core 0.16.1)" in proc.stderr
+    for step in ("bash ../shared/gpu/pack.sh", "carry .gpu-deps", "source .gpu-deps/setup.sh && python "
+                 "jobs/gpu_check.py"):
+        assert step in proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stdout == ""
+    assert gpu_check.missing_modules(["torch", "yaml", "no_such_module_xyz", "no_such_pkg.sub"]) == [
+        "no_such_module_xyz", "no_such_pkg.sub"]
