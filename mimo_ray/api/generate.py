@@ -223,6 +223,9 @@ def generate_ids(
         return _via_batches(cli, step, prompts, chat_template, mimo_config)
     finally:
         if started:
+            import gc
+
+            gc.collect()  # finalise dropped Ray Data iterators while Ray is up (see data.ray_dataset.closing_iter)
             ray.shutdown()
 
 

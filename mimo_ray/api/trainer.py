@@ -182,8 +182,11 @@ class Trainer:
             self._loop.close()
             self._loop = None
         if self._started_ray:
+            import gc
+
             import ray
 
+            gc.collect()  # finalise dropped Ray Data iterators while Ray is up (see data.ray_dataset.closing_iter)
             ray.shutdown()
             self._started_ray = False
 

@@ -54,6 +54,7 @@ from mimo_ray.data.quarantine import bad_ids, quarantine_path
 from mimo_ray.data.ray_dataset import (
     COLLATE_POOL_SHARE,
     clips_per_task,
+    closing_iter,
     decode_dataset,
     decode_pool,
     ensure_ray,
@@ -413,14 +414,9 @@ class ManifestDataSource(MicroBatchCursor):
             ds = decode_dataset(
                 [plan], self._opts, self.cfg, logical_cpus=not self.finite, reserved_cpus=self.reserved_cpus
             )
-            blocks = ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2)
-            try:
+            with closing_iter(ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2)) as blocks:
                 for table in blocks:
                     yield from batcher.add(table)
-            finally:
-                close = getattr(blocks, "close", None)
-                if close is not None:
-                    close()
             if self.finite:
                 yield from batcher.flush()
                 return

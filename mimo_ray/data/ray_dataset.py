@@ -7,6 +7,8 @@ The CPUs the stage actors hold are passed in as a value (``reserved_cpus``) by t
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pyarrow as pa
@@ -21,6 +23,24 @@ MAX_CLIPS_PER_TASK = 15
 DECODE_POOL = "cpu_decode"
 #: How much of the pool resource the collate actor holds (a token amount: it only pins the actor to the pool).
 COLLATE_POOL_SHARE = 0.01
+
+
+@contextmanager
+def closing_iter(iterable: Any) -> Iterator[Iterator[Any]]:
+    """An iterator over a Ray Data iterable (``ds.iter_batches(...)``, ``ds.iter_rows()``) that is closed on exit.
+
+    Ray Data hands out an iterable whose ``__iter__`` makes a fresh generator; a ``for`` loop that stops early leaves
+    that generator to the garbage collector, whose finaliser may then touch Ray after ``ray.shutdown()``, and the
+    core worker ends the whole process (exit 1, "The core worker has already been shutdown"). Closing it here runs
+    Ray Data's clean-up while Ray is still up.
+    """
+    it = iter(iterable)
+    try:
+        yield it
+    finally:
+        close = getattr(it, "close", None)
+        if close is not None:
+            close()
 
 
 def clips_per_task(num_rows: int, workers: int) -> int:
