@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import torch
 
-#: CLIP's per-channel RGB statistics (the ViT encoders were trained on inputs normalised with these).
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+from mimo_ray.media.pixel_stats import CLIP_MEAN, CLIP_STD
+
+__all__ = ["CLIP_MEAN", "CLIP_STD", "normalize_pixels"]
 
 
 def normalize_pixels(rgb: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:

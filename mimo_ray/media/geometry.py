@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from mimo_ray.media.frames import CLIP_MEAN
+from mimo_ray.media.pixel_stats import CLIP_MEAN
 
 ASPECT_MODES = ("pad", "crop", "stretch")
 #: The pad colour: CLIP's mean as uint8 RGB, ``int(x * 255)`` as LLaVA's ``tuple(int(x * 255) for x in

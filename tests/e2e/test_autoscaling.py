@@ -1,5 +1,5 @@
 """`ray_cluster.yaml` for real: an autoscaling cluster made from it (Ray's fake multi-node provider, NOTES §9), and
-`jobs/train.py` submitted with `ray job submit`.
+`jobs/train.py` submitted with `ray job submit` (the SDK client, and the command line with `--working-dir .`).
 
 One cluster, two jobs:
 1. an uninterrupted run: the pools scale up for the stage placement groups and decode tasks, every actor and decode
@@ -11,6 +11,8 @@ One cluster, two jobs:
 from __future__ import annotations
 
 import json
+import re
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -32,27 +34,46 @@ def _make_data(root: Path, module) -> Path:
     return root / "train.jsonl"
 
 
-def _entrypoint(data: Path, out: Path) -> str:
+def _entrypoint(data: Path, out: Path, python: str = sys.executable, script: str = str(ROOT / "jobs/train.py")) -> str:
     flags = [
         "--preset tiny", f"--max-steps {STEPS}", f"--output-dir {out}", f"--data-path {data}",
         "'parallel.encoder_resources={encoder_gpu: 1}'", "'parallel.lm_resources={lm_gpu: 1}'",
         "parallel.decode_resource=cpu_decode", "parallel.placement_timeout_s=240", "train.ckpt_interval=1",
         "train.step_timeout_s=120", "train.recovery_timeout_s=600", "train.max_failures=2", "data.num_decode_workers=2",
     ]  # fmt: skip
-    return f"{sys.executable} {ROOT / 'jobs' / 'train.py'} " + " ".join(flags)
+    return f"{python} {script} " + " ".join(flags)
+
+
+def _cli_submit(cluster: FakeCluster, entrypoint: str) -> str:
+    """``ray job submit --working-dir . --no-wait -- <entrypoint>`` from the checkout, as a user does; the id."""
+    out = subprocess.run(
+        [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", cluster.address, "--working-dir", ".",
+         "--no-wait", "--", *entrypoint.split()],
+        cwd=ROOT, env=cluster.env(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    found = re.search(r"raysubmit_\w+", out.stdout + out.stderr)
+    if out.returncode != 0 or found is None:
+        raise RuntimeError(f"ray job submit failed ({out.returncode}): {(out.stdout + out.stderr)[-2000:]}")
+    return found.group(0)
 
 
 class Job:
-    """A submitted job, watched: node ids per pool seen while it runs, when each pool first had a live node."""
+    """A submitted job, watched: node ids per pool seen while it runs, when each pool first had a live node.
 
-    def __init__(self, cluster: FakeCluster, client, entrypoint: str):
+    ``cli``: submit with the ``ray job submit`` command line (``--working-dir .``) instead of the SDK client.
+    """
+
+    def __init__(self, cluster: FakeCluster, client, entrypoint: str, cli: bool = False):
         self.cluster = cluster
         self.client = client
         self.t_submit = time.monotonic()
         deadline = self.t_submit + 180
         while True:  # the job agent can come up many seconds after the dashboard answers (a loaded box)
             try:
-                self.submission_id = client.submit_job(entrypoint=entrypoint)
+                if cli:
+                    self.submission_id = _cli_submit(cluster, entrypoint)
+                else:
+                    self.submission_id = client.submit_job(entrypoint=entrypoint)
                 self.t_submit = time.monotonic()  # times below count from the accepted submission
                 break
             except (RuntimeError, OSError) as err:  # "No available agent", or the request dropped meanwhile
@@ -167,7 +188,8 @@ def test_pools_scale_for_the_job_and_a_lost_lm_node_is_replaced(tmp_path, synthe
 
         # ---- 2. the LM node dies after the first checkpoint; the autoscaler replaces it, recovery finishes the run
         out_b = tmp_path / "run_b"
-        job_b = Job(cluster, client, _entrypoint(data, out_b))
+        # Submitted as a user does: `ray job submit --working-dir . -- python jobs/train.py ...` (the uploaded copy).
+        job_b = Job(cluster, client, _entrypoint(data, out_b, "python", "jobs/train.py"), cli=True)
         metrics = out_b / "metrics.jsonl"
         job_b.wait(until=lambda: (out_b / "checkpoints" / "latest").exists() and metrics.exists())
         lm_nodes_before = {node for name, _, node, _ in job_events(cluster.address, job_b.ray_job_id)["actors"]
@@ -191,6 +213,10 @@ def test_pools_scale_for_the_job_and_a_lost_lm_node_is_replaced(tmp_path, synthe
         assert summary["steps"] == STEPS and len(summary["failures"]) >= 1, dumps(summary)
         # Waiting for the replacement node is reported, and is no failure: only the lost node's failure counts.
         log_b = job_b.full_logs()
+        # The job's driver attached to the cluster (RAY_ADDRESS from the job supervisor), not an embedded Ray.
+        assert "Connecting to existing Ray cluster" in log_b and "Started a local Ray instance" not in log_b
+        assert (out_b / "checkpoints" / "latest").read_text().strip() == f"step_{STEPS:07d}"
+        assert (out_b / "checkpoints" / f"step_{STEPS:07d}" / "COMPLETE").exists()
         assert "waiting for 1 bundle of pool lm_gpu (lm)" in log_b, job_b.logs()
         assert not [f for f in summary["failures"] if "recovery after" in f], dumps(summary)
         seen_b = cluster.nodes()

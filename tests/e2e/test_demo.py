@@ -1,5 +1,5 @@
 """The README's main job, small: jobs/demo.py end to end (synthetic clips, disaggregated training on the session
-Ray, KV-cache inference, accuracy table); two runs with the same seed on one machine give the same predictions."""
+Ray, KV-cache inference, accuracy table)."""
 
 import json
 import sys
@@ -16,16 +16,15 @@ def _predictions(out: Path) -> dict[str, str]:
     return {r["id"]: r["prediction"] for r in rows}
 
 
-def test_small_demo_is_deterministic_and_scores_every_val_clip(ray_local, tmp_path):
-    args = ["--num-samples", "20", "--steps", "12", "--seed", "3"]
-    first = demo.main(["--out", str(tmp_path / "a"), *args])
-    second = demo.main(["--out", str(tmp_path / "b"), *args])
-    assert first["n"] == second["n"] == 4  # 20 % of 20 clips, every one answered
+def test_small_demo_scores_every_val_clip(ray_local, tmp_path):
+    """One run (determinism of training is tested by test_train_job.py: resume and the fused runtime give the same
+    losses and samples; of the KV-cache answers by test_infer_job.py: both runtimes write the same rows)."""
+    first = demo.main(["--out", str(tmp_path / "a"), "--num-samples", "20", "--steps", "12", "--seed", "3"])
+    assert first["n"] == 4  # 20 % of 20 clips, every one answered
     for key in ("exact", "colour", "note"):
-        assert 0.0 <= first[key] <= 1.0 and first[key] == second[key]
+        assert 0.0 <= first[key] <= 1.0
     assert first["chance_exact"] == 1 / 16
     preds = _predictions(tmp_path / "a")
     assert len(preds) == 4 and all(isinstance(p, str) for p in preds.values())
-    assert preds == _predictions(tmp_path / "b")  # same seed, same machine: the same answers
     summary = json.loads((tmp_path / "a" / "run" / "summary.json").read_text())
     assert summary["steps"] == 12 and not summary["failures"]

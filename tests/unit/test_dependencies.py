@@ -192,3 +192,15 @@ def test_declared_splits_plain_requirements_from_extras_and_markers(tmp_path) ->
         ' "PyYAML>=6"]\n[project.optional-dependencies]\ngpu = ["cupy-cuda12x>=13"]\n'
     )
     assert declared(tmp_path / "pyproject.toml") == ({"ray", "pyyaml"}, {"decord", "cupy-cuda12x"})
+
+
+def test_decode_workers_do_not_load_torch() -> None:
+    """Ray Data decode tasks and the isolated decoder process start often; loading torch (and with it ~3 s of CPU on
+    a 2-core box) in them is waste: they decode to numpy / uint8 only."""
+    import subprocess
+    import sys
+
+    code = ("import sys, mimo_ray.data.prepare, mimo_ray.data.isolation, mimo_ray.data.sample_media; "
+            "print(sorted(m for m in ('torch', 'megatron') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
