@@ -1,5 +1,5 @@
 """`ray_cluster.yaml` for real: an autoscaling cluster made from it (Ray's fake multi-node provider, NOTES §9), and
-`jobs/train.py` submitted with `ray job submit` (the SDK client, and the command line with `--working-dir .`).
+`jobs/train.py` submitted with `ray job submit` (the SDK client, and the `ray job submit` command line).
 
 One cluster, two jobs:
 1. an uninterrupted run: the pools scale up for the stage placement groups and decode tasks, every actor and decode
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -34,21 +35,27 @@ def _make_data(root: Path, module) -> Path:
     return root / "train.jsonl"
 
 
-def _entrypoint(data: Path, out: Path, python: str = sys.executable, script: str = str(ROOT / "jobs/train.py")) -> str:
+def _entrypoint(data: Path, out: Path, python: str = sys.executable) -> str:
     flags = [
         "--preset tiny", f"--max-steps {STEPS}", f"--output-dir {out}", f"--data-path {data}",
         "'parallel.encoder_resources={encoder_gpu: 1}'", "'parallel.lm_resources={lm_gpu: 1}'",
         "parallel.decode_resource=cpu_decode", "parallel.placement_timeout_s=240", "train.ckpt_interval=1",
         "train.step_timeout_s=120", "train.recovery_timeout_s=600", "train.max_failures=2", "data.num_decode_workers=2",
     ]  # fmt: skip
-    return f"{python} {script} " + " ".join(flags)
+    return f"{python} {ROOT / 'jobs' / 'train.py'} " + " ".join(flags)
 
 
 def _cli_submit(cluster: FakeCluster, entrypoint: str) -> str:
-    """``ray job submit --working-dir . --no-wait -- <entrypoint>`` from the checkout, as a user does; the id."""
+    """``ray job submit --no-wait -- <entrypoint>`` from the checkout, as a user does; the submission id.
+
+    Without ``--working-dir``: the fake nodes share one machine and one session folder, so each node's runtime-env
+    agent unpacks the job's package into the same directory, and one node re-unpacking it while the driver imports
+    from it was seen to hide modules ("No module named 'mimo_ray.driver.train_loop'"). A real cluster has a disk per
+    node; what ``--working-dir .`` uploads is checked in tests/unit/test_job_package.py.
+    """
     out = subprocess.run(
-        [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", cluster.address, "--working-dir", ".",
-         "--no-wait", "--", *entrypoint.split()],
+        [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", cluster.address, "--no-wait", "--",
+         *shlex.split(entrypoint)],
         cwd=ROOT, env=cluster.env(), capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     found = re.search(r"raysubmit_\w+", out.stdout + out.stderr)
@@ -188,10 +195,11 @@ def test_pools_scale_for_the_job_and_a_lost_lm_node_is_replaced(tmp_path, synthe
 
         # ---- 2. the LM node dies after the first checkpoint; the autoscaler replaces it, recovery finishes the run
         out_b = tmp_path / "run_b"
-        # Submitted as a user does: `ray job submit --working-dir . -- python jobs/train.py ...` (the uploaded copy).
-        job_b = Job(cluster, client, _entrypoint(data, out_b, "python", "jobs/train.py"), cli=True)
+        # Submitted with the command line, as a user does: `ray job submit -- python jobs/train.py ...`.
+        job_b = Job(cluster, client, _entrypoint(data, out_b, "python"), cli=True)
         metrics = out_b / "metrics.jsonl"
-        job_b.wait(until=lambda: (out_b / "checkpoints" / "latest").exists() and metrics.exists())
+        status_b = job_b.wait(until=lambda: (out_b / "checkpoints" / "latest").exists() and metrics.exists())
+        assert status_b is None, f"job b ended ({status_b}) before its first checkpoint:\n{job_b.logs()}"
         lm_nodes_before = {node for name, _, node, _ in job_events(cluster.address, job_b.ray_job_id)["actors"]
                            if name.startswith("mimo/lm/")}  # fmt: skip
         assert len(lm_nodes_before) == 1 and cluster.nodes()[next(iter(lm_nodes_before))].pool == "lm_gpu"
