@@ -3,7 +3,7 @@
 arithmetic, the memory per parameter and why it is CUDA-only).
 
 Checkpoint layout (:meth:`DistributedAdam.shard_state` / :meth:`load_shard_state`): one file per (TP rank, DP rank),
-``<role>/optim_tp<t>_dp<d>.pt``, holding ``{"impl": "megatron", "dp": DP size, "dp_rank", "lr": [per group],
+``<role>/optim_tp<t>_dp<d>.pt``, holding ``{"impl": "megatron", "dp": DP size, "dp_rank", "groups": [{"lr"[, "step"]}],
 "shards": {parameter name: {"range": [start, end], "param": fp32 master shard [end-start], "exp_avg", "exp_avg_sq",
 "step"}}}`` for the parameters whose bucket shard this rank owns. A shard only loads into the same DP size and
 bucket layout (same ``train.grad_bucket_size``, same trainable parameters); a mismatch raises ``ValueError``.
@@ -43,7 +43,8 @@ class DistributedAdam:
         self.module = module
         self.ddp = DistributedDataParallel(transformer_config_of(module), ddp_config(train), module)
         # {}: weight decay on every parameter, as torch.optim.AdamW on the torch path (None would exempt biases/norms).
-        self.chained = get_megatron_optimizer(optimizer_config(train, dtype), [self.ddp], config_overrides={})
+        self.chained = get_megatron_optimizer(optimizer_config(train, dtype), [self.ddp], config_overrides={},
+                                              use_gloo_process_groups=False)  # only its checkpoint helpers use gloo
         (self.inner,) = self.chained.chained_optimizers
         self.names = {p: n for n, p in module.named_parameters() if p.requires_grad}
         self.shards = shard_ranges(self.inner.gbuf_ranges)
@@ -52,8 +53,10 @@ class DistributedAdam:
 
     def _use_fused_adam(self) -> None:
         """Use torch's fused AdamW kernel where Megatron fell back to ``torch.optim.AdamW`` (no TE / Apex FusedAdam)."""
-        if isinstance(self.inner.optimizer, torch.optim.AdamW) and not self.inner.optimizer.state:
-            for group in self.inner.optimizer.param_groups:
+        opt = self.inner.optimizer
+        on_cuda = all(p.is_cuda for g in opt.param_groups for p in g["params"])
+        if isinstance(opt, torch.optim.AdamW) and not opt.state and on_cuda:
+            for group in opt.param_groups:
                 group["fused"], group["foreach"] = True, False
 
     def _accumulate_locally(self) -> None:
@@ -110,8 +113,10 @@ class DistributedAdam:
             tensors = self.inner._get_main_param_and_optimizer_states(param)
             shards[self.names[param]] = {"range": [start, end],
                                          **{k: torch.as_tensor(v).detach().cpu().clone() for k, v in tensors.items()}}
-        return {"impl": "megatron", "dp": dp.size(), "dp_rank": dp.rank(),
-                "lr": [g["lr"] for g in self.param_groups], "shards": shards}
+        # Group-level counters: TE/Apex FusedAdam keep the step per group (torch.optim.AdamW keeps it per parameter).
+        groups = [{"lr": g["lr"], **({"step": g["step"]} if "step" in g else {})}
+                  for g in self.inner.optimizer.param_groups]
+        return {"impl": "megatron", "dp": dp.size(), "dp_rank": dp.rank(), "groups": groups, "shards": shards}
 
     def load_shard_state(self, state: dict[str, Any], where: str) -> None:
         """Inverse of :meth:`shard_state` (then masters -> parameters stay as the loaded weights).
@@ -135,6 +140,9 @@ class DistributedAdam:
         for name, (param, _, _) in own.items():
             tensors = {k: v for k, v in saved[name].items() if k != "range"}
             self.inner._set_main_param_and_optimizer_states(param, tensors)
+        for group, counters in zip(self.inner.optimizer.param_groups, state.get("groups", []), strict=False):
+            if "step" in counters:
+                group["step"] = counters["step"]
 
     def bytes_per_param(self) -> float:
         """Bytes per trainable parameter this rank holds: 16-bit weights + fp32 grad buckets (padding included) +

@@ -224,3 +224,101 @@ def test_cpu_stage_keeps_the_torch_optimizer_and_refuses_megatron(megatron_world
                                              "train.optimizer_impl=megatron"]))
     with pytest.raises(ValueError, match=r"\[fused/0\] .*train.optimizer_impl=megatron needs CUDA"):
         forced.setup()
+
+
+# ----- DistributedAdam end to end on CPU, behind a test-only device patch ------------------------------------------
+@pytest.fixture
+def cuda_names(monkeypatch):
+    """What megatron-core 0.16.1's DistributedOptimizer needs to build on CPU, for this test only: its
+    ``torch.tensor(..., device='cuda')`` scalars on the CPU, and ``Tensor.type()`` reporting ``torch.cuda.*`` names
+    (its only use of the device: a dtype switch). The stage under test is told to resolve to ``megatron``."""
+    real_tensor, real_type = torch.tensor, torch.Tensor.type
+
+    def tensor(*args, **kwargs):
+        if str(kwargs.get("device", "")).startswith("cuda"):
+            kwargs["device"] = "cpu"
+        return real_tensor(*args, **kwargs)
+
+    def type_name(self, *args, **kwargs):
+        out = real_type(self, *args, **kwargs)
+        return out.replace("torch.", "torch.cuda.", 1) if not args and not kwargs else out
+
+    monkeypatch.setattr(torch, "tensor", tensor)
+    monkeypatch.setattr(torch.Tensor, "type", type_name)
+    monkeypatch.setattr("mimo_ray.stages.base.resolve_impl", lambda impl, device: impl)
+
+
+def _fused(impl: str, dtype: str = "fp32") -> FusedStage:
+    cfg = load_config("tiny", ["model.modalities=[]", "model.lm.seq_length=32", "train.runtime=fused",
+                               f"train.optimizer_impl={impl}", f"model.params_dtype={dtype}"])
+    stage = FusedStage(cfg)
+    stage.setup()
+    return stage
+
+
+def _steps(stage: FusedStage, steps: int, first_seed: int = 0) -> list[tuple[float, float, float]]:
+    out = []
+    for step in range(steps):
+        batches = [random_batch(stage.cfg, 2, seed=first_seed + 10 * step + k) for k in range(2)]
+        stats = [stage.forward_backward(b) for b in batches]
+        res = stage.optimizer_step(1e-3, 0.5, stage.reduce_grads(*stats))
+        loss = sum(s["loss_sum"] for s in stats) / sum(s["num_tokens"] for s in stats)
+        out.append((loss, res["grad_norm"], res["clip_coef"]))
+    return out
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_distributed_adam_steps_like_the_torch_optimizer(megatron_world, cuda_names, dtype):
+    from mimo_ray.perf.optimizer_check import expected_bytes
+    from mimo_ray.stages.distributed_adam import DistributedAdam
+
+    ref, meg = _fused("torch", dtype), _fused("megatron", dtype)
+    assert isinstance(meg.optimizer, DistributedAdam) and isinstance(ref.optimizer, MixedPrecisionOptimizer)
+    want, got = _steps(ref, 3), _steps(meg, 3)
+    for (l_ref, n_ref, c_ref), (l_got, n_got, c_got) in zip(want, got, strict=True):
+        assert c_ref < 1 and c_got < 1  # the driver-side global clip is active
+        tol = 1e-6 if dtype == "fp32" else 2e-2  # bf16: rounding of two update orders compounds
+        assert l_got == pytest.approx(l_ref, rel=tol)
+        assert n_got == pytest.approx(n_ref, rel=10 * tol)
+    assert got[0][0] == pytest.approx(want[0][0], rel=1e-6)  # same weights at step 1: same loss in any dtype
+    p_ref, p_got = ref.full_parameters(), meg.full_parameters()
+    worst = max(float((p_got[k].float() - p_ref[k].float()).abs().max()) for k in p_ref)
+    assert worst <= (1e-5 if dtype == "fp32" else 3e-2)  # lr 1e-3, 3 steps
+    # Bytes per parameter: fp32 4 + 4 + 8 (masters are the weights), bf16 2 + 4 + 4 + 8; weights and grads padded.
+    assert meg.optimizer.bytes_per_param() == pytest.approx(expected_bytes(meg), rel=1e-12)
+    assert ref.optimizer.bytes_per_param() == (16.0 if dtype == "fp32" else 18.0)
+    base_bytes = 16.0 if dtype == "fp32" else 18.0
+    assert base_bytes <= meg.optimizer.bytes_per_param() < base_bytes * 1.01
+    with pytest.raises(ValueError, match="full_grads.*megatron"):
+        meg.full_grads()
+
+
+def test_distributed_adam_checkpoint_round_trip(megatron_world, cuda_names, tmp_path):
+    stage = _fused("megatron", "bf16")
+    _steps(stage, 2)
+    stage.save(str(tmp_path))
+    assert sorted(p.name for p in (tmp_path / "fused").iterdir()) == ["optim_tp0_dp0.pt", "tp0.pt"]
+    saved = torch.load(tmp_path / "fused" / "optim_tp0_dp0.pt", weights_only=True)
+    assert saved["impl"] == "megatron" and saved["dp"] == 1
+    numel = {n: p.numel() for n, p in stage.module.named_parameters() if p.requires_grad}
+    assert {n: s["range"][1] - s["range"][0] for n, s in saved["shards"].items()} == numel  # DP=1: whole params
+    for shard in saved["shards"].values():
+        assert shard["param"].dtype == shard["exp_avg"].dtype == torch.float32
+    fresh = _fused("megatron", "bf16")
+    fresh.load(str(tmp_path))
+    again = fresh.optimizer.shard_state()
+    for name, shard in saved["shards"].items():
+        for key, value in shard.items():
+            got = again["shards"][name][key]
+            assert got == value if key == "range" else torch.equal(got, value), (name, key)
+    # Both continue bit-identically (same weights, fp32 masters, moments and step counts).
+    assert _steps(fresh, 2, first_seed=100) == _steps(stage, 2, first_seed=100)
+    a, b = stage.full_parameters(), fresh.full_parameters()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # The other implementation refuses this checkpoint, naming the flag.
+    other = _fused("torch", "bf16")
+    with pytest.raises(ValueError, match="optimizer state of the megatron optimizer.*train.optimizer_impl=torch"):
+        other.load(str(tmp_path))
+    other.save(str(tmp_path / "t"))
+    with pytest.raises(ValueError, match="optimizer state of the torch optimizer"):
+        fresh.load(str(tmp_path / "t"))
