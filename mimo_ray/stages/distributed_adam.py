@@ -101,7 +101,8 @@ class DistributedAdam:
 
     def sync_masters(self) -> None:
         """Masters := parameters (after loading weights that carry no master copy)."""
-        self.chained.reload_model_params()
+        with torch.no_grad():
+            self.chained.reload_model_params()
 
     def shard_state(self) -> dict[str, Any]:
         """The optimizer shard of this rank as CPU tensors (layout in the module docstring)."""
@@ -137,9 +138,10 @@ class DistributedAdam:
                              f"parameters) at {bad[:5]}")
         if not self.inner.optimizer.state:
             self.inner._init_optimizer_states_with_dummy_values()
-        for name, (param, _, _) in own.items():
-            tensors = {k: v for k, v in saved[name].items() if k != "range"}
-            self.inner._set_main_param_and_optimizer_states(param, tensors)
+        with torch.no_grad():  # fp32 masters are views of the (leaf) parameters
+            for name, (param, _, _) in own.items():
+                tensors = {k: v for k, v in saved[name].items() if k != "range"}
+                self.inner._set_main_param_and_optimizer_states(param, tensors)
         for group, counters in zip(self.inner.optimizer.param_groups, state.get("groups", []), strict=False):
             if "step" in counters:
                 group["step"] = counters["step"]

@@ -125,9 +125,8 @@ def optimizer_config(train: TrainConfig, dtype: torch.dtype) -> Any:
 def transformer_config_of(module: torch.nn.Module) -> Any:
     """A copy of the first ``TransformerConfig`` found on ``module`` or its submodules, with
     ``calculate_per_token_loss=True`` so that DDP *sums* gradients over DP (we divide by the global token count).
-
-    Raises:
-        ValueError: no submodule carries a ``TransformerConfig``.
+    DDP reads nothing else of it that matters here, so a module without one (a user's plain-torch encoder) gets a
+    one-layer stand-in.
     """
     from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -137,7 +136,7 @@ def transformer_config_of(module: torch.nn.Module) -> Any:
             out = copy.copy(config)  # no __post_init__ re-run
             out.calculate_per_token_loss = True
             return out
-    raise ValueError(f"{type(module).__name__} has no Megatron TransformerConfig for DistributedDataParallel")
+    return TransformerConfig(num_layers=1, hidden_size=8, num_attention_heads=1, calculate_per_token_loss=True)
 
 
 def shard_ranges(gbuf_ranges: list[dict]) -> list[tuple[torch.nn.Parameter, int, int]]:
