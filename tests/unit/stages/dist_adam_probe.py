@@ -1,9 +1,10 @@
 """Run by test_distributed_optimizer.py as rank 0 and rank 1 of a gloo world of 2 (LM DP=2, fp32, two processes):
 the same two clipped steps with the torch optimizer and with Megatron's DistributedAdam (behind the test-only
 CUDA-name patch of ``test_distributed_optimizer.py``), a save of the DP-sharded optimizer after them, one more step,
-and that step again from the checkpoint in a fresh stage. Prints one JSON line.
+and that step again from the checkpoint in a fresh stage; then LM TP=2 (DP=1) and an encoder group at DP=2, each
+with both optimizers. Prints one JSON line.
 
-    python tests/unit/stages/dist_adam_probe.py RANK PORT_A PORT_B PORT_C CKPT_DIR
+    python tests/unit/stages/dist_adam_probe.py RANK CKPT_DIR PORT...   (7 free ports)
 """
 
 from __future__ import annotations
@@ -53,8 +54,9 @@ def main(rank: int, ports: list[int], ckpt: str) -> None:
     over = ["model.modalities=[]", "model.lm.seq_length=32", "data.micro_batch_size=2", "data.global_batch_size=4",
             "parallel.lm_dp=2", "train.runtime=fused"]  # fmt: skip
 
-    def stage(impl: str, port: int) -> LanguageStage:
-        lm = LanguageStage(load_config("tiny", [*over, f"train.optimizer_impl={impl}"]), rank=rank, world_size=2)
+    def stage(impl: str, port: int, extra: tuple[str, ...] = ()) -> LanguageStage:
+        cfg = load_config("tiny", [*over, *extra, f"train.optimizer_impl={impl}"])
+        lm = LanguageStage(cfg, rank=rank, world_size=2)
         lm.setup(init_method=f"tcp://127.0.0.1:{port}", payload_format="torch")
         return lm
 
@@ -81,11 +83,51 @@ def main(rank: int, ports: list[int], ckpt: str) -> None:
     fresh = stage("megatron", ports[2])
     fresh.load(ckpt)
     resumed = step(fresh, 2)
-    diff = max((float((meg_params[k] - ref_params[k]).abs().max()) for k in ref_params), default=-1.0)
-    print(json.dumps({"rank": rank, "torch": torch_steps, "megatron": meg_steps, "cont": cont, "resumed": resumed,
-                      "param_diff": diff, "shard_numel": shard_numel, "numel": numel,
-                      "files": sorted(p.name for p in (Path(ckpt) / "lm").iterdir())}))
+    diff = _max_diff(meg_params, ref_params)
+    out = {"rank": rank, "torch": torch_steps, "megatron": meg_steps, "cont": cont, "resumed": resumed,
+           "param_diff": diff, "shard_numel": shard_numel, "numel": numel,
+           "files": sorted(p.name for p in (Path(ckpt) / "lm").iterdir())}
+    out["tp2"] = {}
+    for impl, port in (("torch", ports[3]), ("megatron", ports[4])):
+        lm = stage(impl, port, ("parallel.lm_tp=2", "parallel.lm_dp=1", "data.global_batch_size=2"))
+        batch = random_batch(lm.cfg, 2, seed=7)  # TP ranks see the same micro-batch
+        res = lm.forward_backward(0, 1, {"tokens": {k: batch[k] for k in TOKEN_KEYS}, "emb": {}})
+        stats = _gather(res[0])[0]
+        share = lm.reduce_grads(stats)
+        step_out = lm.optimizer_step(1e-3, 0.5, *_gather(share))
+        out["tp2"][impl] = {"norm": step_out["grad_norm"], "share": share, "params": lm.full_parameters()}
+    tp = out["tp2"]
+    out["tp2"] = {impl: {"norm": v["norm"], "share": v["share"]} for impl, v in tp.items()}
+    out["tp2"]["param_diff"] = _max_diff(tp["megatron"]["params"], tp["torch"]["params"])
+    out["encoder_dp2"] = _encoder_dp2(rank, ports[5:7])
+    print(json.dumps(out))
+
+
+def _max_diff(a: dict, b: dict) -> float:
+    return max((float((a[k] - b[k]).abs().max()) for k in b), default=-1.0)
+
+
+def _encoder_dp2(rank: int, ports: list[int]) -> dict:
+    """One step of an encoder group (video + audio) at DP=2 with each optimizer, on gradients of ones."""
+    from mimo_ray.config_cli import load_config
+    from mimo_ray.model.inputs import random_batch
+    from mimo_ray.stages.encoder import EncoderStage
+
+    out = {}
+    for impl, port in zip(("torch", "megatron"), ports, strict=True):
+        cfg = load_config("tiny", ["data.micro_batch_size=2", "data.global_batch_size=4", "model.lm.seq_length=96",
+                                   "train.runtime=fused", f"train.optimizer_impl={impl}"])
+        enc = EncoderStage(cfg, list(cfg.model.modalities), rank=rank, world_size=2)
+        enc.setup(init_method=f"tcp://127.0.0.1:{port}", payload_format="torch")
+        pieces = enc.forward_step(0, random_batch(cfg, 2, seed=10 + rank), [(0, 2)])
+        enc.backward_step(0, {m: torch.ones_like(t) for m, t in pieces[0]["emb"].items()})
+        share = enc.reduce_grads({"num_tokens": 10.0})
+        res = enc.optimizer_step(1e-3, 0.5, *_gather(share))
+        out[impl] = {"norm": res["grad_norm"], "share": share, "params": enc.full_parameters(),
+                     "kind": type(enc.optimizer).__name__}
+    diff = _max_diff(out["megatron"]["params"], out["torch"]["params"])
+    return {**{impl: {k: v for k, v in r.items() if k != "params"} for impl, r in out.items()}, "param_diff": diff}
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]), [int(p) for p in sys.argv[2:5]], sys.argv[5])
+    main(int(sys.argv[1]), [int(p) for p in sys.argv[3:]], sys.argv[2])

@@ -332,8 +332,9 @@ def test_distributed_adam_checkpoint_round_trip(megatron_world, cuda_names, tmp_
         fresh.load(str(tmp_path / "t"))
 
 
-def test_distributed_adam_at_dp2_over_gloo_matches_the_torch_optimizer(tmp_path):
-    # Two real processes (dist_adam_probe.py): the reduce-scatter, the shard norms and the parameter all-gather run.
+def test_distributed_adam_over_gloo_matches_the_torch_optimizer(tmp_path):
+    # Two real processes (dist_adam_probe.py): LM DP=2 (reduce-scatter, shard norms, all-gather, sharded checkpoint),
+    # LM TP=2 (replicated tensors counted once) and an encoder group at DP=2.
     import json
     import os
     import subprocess
@@ -343,15 +344,15 @@ def test_distributed_adam_at_dp2_over_gloo_matches_the_torch_optimizer(tmp_path)
     from mimo_ray.parallel.megatron_setup import free_port
 
     root = Path(__file__).resolve().parents[3]
-    ports = [str(free_port()) for _ in range(3)]
+    ports = [str(free_port()) for _ in range(7)]
     env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
     probe = Path(__file__).with_name("dist_adam_probe.py")
-    procs = [subprocess.Popen([sys.executable, str(probe), str(r), *ports, str(tmp_path)], cwd=root, env=env,
+    procs = [subprocess.Popen([sys.executable, str(probe), str(r), str(tmp_path), *ports], cwd=root, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
     results = []
     for proc in procs:
         try:
-            out, err = proc.communicate(timeout=300)
+            out, err = proc.communicate(timeout=400)
         finally:
             proc.kill()
         assert proc.returncode == 0, err[-3000:]
@@ -370,3 +371,14 @@ def test_distributed_adam_at_dp2_over_gloo_matches_the_torch_optimizer(tmp_path)
     assert r0["files"] == ["optim_tp0_dp0.pt", "optim_tp0_dp1.pt", "tp0.pt"]
     for res in results:  # resumed from the DP-sharded checkpoint in a fresh stage: the same third step, bit for bit
         assert res["resumed"] == res["cont"]
+    for part in ("tp2", "encoder_dp2"):
+        ref, meg = r0[part]["torch"], r0[part]["megatron"]
+        assert meg["norm"] == pytest.approx(ref["norm"], rel=1e-6), part
+        shares = [r[part]["megatron"]["share"] for r in results]
+        assert sum(shares) == pytest.approx(sum(r[part]["torch"]["share"] for r in results), rel=1e-6), part
+        assert r0[part]["param_diff"] <= 1e-6, part
+    kinds = [r0["encoder_dp2"][impl]["kind"] for impl in ("torch", "megatron")]
+    assert kinds == ["MixedPrecisionOptimizer", "DistributedAdam"]
+    assert r1["encoder_dp2"]["torch"]["share"] == 0.0 < r1["encoder_dp2"]["megatron"]["share"]
+    # TP=2: each TP rank counts its shards, only rank 0 the replicated tensors (both optimizers alike)
+    assert r1["tp2"]["megatron"]["share"] == pytest.approx(r1["tp2"]["torch"]["share"], rel=1e-6)
