@@ -379,7 +379,7 @@ class Stage:
         file = self._ckpt_file(path)
         if not file.exists() and is_imported(path):  # a step-0 import: weights only, a fresh optimizer
             load_imported(self.module, path, self.name_prefix, self.tp_rank, self.tp)
-            if self._megatron:
+            if self.optimizer is not None:  # 16-bit weights: fp32 masters from the imported weights
                 self.optimizer.sync_masters()
             self._last_grads = {}
             self._in_step = False
@@ -422,6 +422,8 @@ class Stage:
                 self.optimizer.load_shard_state(state_shard, str(shard))
         elif self.optimizer is not None and optim:
             self._load_optimizer(optim, optim.pop("param_names", None))
+        elif self.optimizer is not None:  # weights only: the first step must start from them, not from stale masters
+            self.optimizer.sync_masters()
         self._last_grads = {}
         self._in_step = False
 

@@ -332,6 +332,23 @@ def test_distributed_adam_checkpoint_round_trip(megatron_world, cuda_names, tmp_
         fresh.load(str(tmp_path / "t"))
 
 
+@pytest.mark.parametrize("impl", ["torch", "megatron"])
+def test_weights_only_load_resets_the_fp32_masters(megatron_world, cuda_names, tmp_path, impl):
+    # bf16: a checkpoint without optimizer state (weights only, like an HF import) must also replace the fp32 master
+    # copies, or the first step writes the old weights back (an lr=0 step changed weights by 0.5 before the fix).
+    stage = _fused(impl, "bf16")
+    (tmp_path / "fused").mkdir()
+    model = {k: v + 0.5 if v.is_floating_point() else v for k, v in stage.module.state_dict().items()
+             if isinstance(v, torch.Tensor)}
+    torch.save({"model": model, "optimizer": {}}, tmp_path / "fused" / "tp0.pt")
+    stage.load(str(tmp_path))
+    loaded = {n: p.detach().clone() for n, p in stage.module.named_parameters()}
+    stats = [stage.forward_backward(random_batch(stage.cfg, 2, seed=1))]
+    stage.optimizer_step(0.0, 1.0, stage.reduce_grads(*stats))  # lr 0 (weight decay x lr = 0 too): no change
+    for name, p in stage.module.named_parameters():
+        assert torch.equal(p, loaded[name]), name
+
+
 def test_distributed_adam_over_gloo_matches_the_torch_optimizer(tmp_path):
     # Two real processes (dist_adam_probe.py): LM DP=2 (reduce-scatter, shard norms, all-gather, sharded checkpoint),
     # LM TP=2 (replicated tensors counted once) and an encoder group at DP=2.
