@@ -14,6 +14,8 @@ Checks (a PASS/FAIL table with the numbers at the end, exit status 1 if any fail
   fused_step          bf16 fused train steps: parameters bf16 on the GPU, finite losses, step time
   kv_cache            greedy generation with Megatron's KV cache equals generation without it
   output_decoding     image and audio output decoders (incl. Griffin-Lim) run on the GPU, outputs in range
+  distributed_optimizer  Megatron DDP + DistributedOptimizer (train.optimizer_impl=megatron) vs the torch optimizer:
+                      tiny preset, bf16, loss/grad-norm agreement and optimizer bytes/param as predicted
   disaggregated_step  bf16 disaggregated train steps, encoder and LM actors sharing the GPU over CUDA IPC
   loss_agreement      fused vs disaggregated loss on the same batches (step 1 <= 1e-3 relative, all <= 2e-2)
   step_table          jobs/bench.py step table: step time, tokens/s, MFU against the GPU's dense bf16 spec

@@ -511,6 +511,8 @@ class ParallelConfig:
 
 #: What ``train.init_from_modules`` may name (``model.freeze``'s parts plus the output decoders).
 INIT_MODULES = ("vision", "audio", "projections", "lm", "decoders")
+#: train.optimizer_impl choices (see TrainConfig).
+OPTIMIZER_IMPLS = ("auto", "torch", "megatron")
 
 
 @dataclass
@@ -557,10 +559,21 @@ class TrainConfig:
     loss_scaling: str = "dynamic"
     initial_loss_scale: float = 16.0
     loss_scale_window: int = 1000
+    # Which optimizer steps the stages (the same AdamW arithmetic either way): "auto" = Megatron's
+    # DistributedDataParallel + DistributedOptimizer (fp32 grad buckets reduce-scattered over DP, fp32 master weights
+    # and Adam moments sharded over DP) on CUDA stages, mimo_ray's replicated optimizer on CPU; "torch" = mimo_ray's
+    # optimizer everywhere (fused AdamW on CUDA); "megatron" = Megatron's everywhere (CUDA only: megatron-core 0.16.1
+    # allocates its optimizer on "cuda"). Checkpoints of the two differ: refused on resume.
+    optimizer_impl: str = "auto"
+    # optimizer_impl=megatron only: gradient elements per reduce-scatter bucket (0: Megatron's default,
+    # max(40M, 1M * DP)).
+    grad_bucket_size: int = 0
 
     def __post_init__(self) -> None:
         _check_choice("train.runtime", self.runtime, ("disaggregated", "fused"))
         _check_choice("train.loss_scaling", self.loss_scaling, ("dynamic", "none"))
+        _check_choice("train.optimizer_impl", self.optimizer_impl, OPTIMIZER_IMPLS)
+        _check_positive(self, "grad_bucket_size", allow_zero=True)
         _check_positive(self, "initial_loss_scale", "loss_scale_window")
         _check_positive(self, "max_steps", "lr", "step_timeout_s", "recovery_timeout_s")
         _check_positive(self, "min_lr", "warmup_steps", "weight_decay", "grad_clip", allow_zero=True)
@@ -641,6 +654,12 @@ class Config:
             raise ValueError(
                 "model.params_dtype=fp16 needs train.loss_scaling=dynamic (fp16 gradients underflow without a loss "
                 f"scale), got train.loss_scaling={self.train.loss_scaling!r}; use model.params_dtype=bf16 instead"
+            )
+        cpu_stages = self.train.runtime == "disaggregated" and not self.parallel.use_gpu
+        if self.train.optimizer_impl == "megatron" and cpu_stages:
+            raise ValueError(
+                "train.optimizer_impl=megatron needs CUDA stages (parallel.use_gpu=true): megatron-core 0.16.1's "
+                "DistributedOptimizer allocates on 'cuda'; use train.optimizer_impl=auto or torch on CPU"
             )
         if self.model.lm.num_attention_heads % self.parallel.lm_tp:
             raise ValueError(

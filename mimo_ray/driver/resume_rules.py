@@ -74,6 +74,10 @@ SAFE_ON_RESUME: tuple[str, ...] = (
     "preset",
 )
 
+# Refused on purpose (not listed above), among others: train.optimizer_impl and train.grad_bucket_size decide what
+# a checkpoint's optimizer state is (replicated per-parameter AdamW state vs Megatron DistributedOptimizer shards of
+# the DP grad-bucket layout); the stages also check the resolved implementation stored with the state.
+
 # How a run was started, not what it trains: neither refused nor reported.
 START_FLAGS: tuple[str, ...] = ("train.resume", "train.overwrite")
 

@@ -1,7 +1,8 @@
 """The one-GPU acceptance check (``jobs/gpu_check.py``): bf16 training in both runtimes with SDPA (flash) attention
 and CUDA IPC between an encoder and an LM actor sharing the GPU, their loss agreement, KV-cache generation equal to
 no-cache generation, image/audio output decoding on the GPU, and the ``jobs/bench.py`` step/transport tables with MFU
-against the GPU's dense bf16 spec. Each check yields one row of a pass/fail table.
+against the GPU's dense bf16 spec, and Megatron's distributed optimizer against the torch one (GPU only). Each check
+yields one row of a pass/fail table.
 
 ``device="cpu"`` runs the same checks on the CPU (tiny preset, object-store transport): a smoke test of the harness,
 not a measurement.
@@ -28,8 +29,8 @@ from mimo_ray.perf.report import Table
 #: (same weights, same kernels) and the worst of the following steps (bf16 rounding compounds through Adam updates).
 LOSS_TOL_FIRST = 1e-3
 LOSS_TOL_RUN = 2e-2
-CHECK_NAMES = ("fused_step", "disaggregated_step", "loss_agreement", "kv_cache", "output_decoding", "step_table",
-               "transport_table")  # fmt: skip
+CHECK_NAMES = ("fused_step", "disaggregated_step", "loss_agreement", "kv_cache", "output_decoding",
+               "distributed_optimizer", "step_table", "transport_table")  # fmt: skip
 
 
 @dataclass
@@ -191,6 +192,17 @@ def _output_decoding_check(opts: CheckOptions, state: dict[str, Any]) -> list[Ch
     return [Check("output_decoding", ok, value, "Griffin-Lim phase and STFTs on the input's device")]
 
 
+def _distributed_optimizer_check(opts: CheckOptions) -> list[Check]:
+    """Megatron's DistributedOptimizer (``train.optimizer_impl=megatron``) against the torch optimizer: the tiny
+    preset's fused stage, bf16, same weights and batches (:mod:`mimo_ray.perf.optimizer_check`).
+    """
+    from mimo_ray.perf.optimizer_check import agreement, compare_optimizers
+
+    cfg = load_config("tiny", ["model.params_dtype=bf16", "model.attention_backend=sdpa", "train.runtime=fused"])
+    ok, text = agreement(compare_optimizers(cfg, steps=max(opts.steps, 2), lr=1e-3))
+    return [Check("distributed_optimizer", ok, text, "tiny preset, fused stage, DP=1, fused AdamW vs Megatron")]
+
+
 def _bench_checks(opts: CheckOptions, state: dict[str, Any], tables: list[Table]) -> list[Check]:
     from mimo_ray.perf.host import default_peak_tflops
     from mimo_ray.perf.train_bench import RuntimeCache, step_table
@@ -258,6 +270,7 @@ def run_checks(opts: CheckOptions) -> tuple[list[Check], list[Table]]:
         ("fused_step", lambda: _fused_checks(opts, state)),
         ("kv_cache", lambda: _kv_cache_check(opts, state)),
         ("output_decoding", lambda: _output_decoding_check(opts, state)),
+        ("distributed_optimizer", lambda: _distributed_optimizer_check(opts)),
         ("disaggregated_step", lambda: _disaggregated_checks(opts, state)),
         ("step_table", lambda: _bench_checks(opts, state, tables)),
     ]
@@ -268,6 +281,8 @@ def run_checks(opts: CheckOptions) -> tuple[list[Check], list[Table]]:
                     continue
             elif name in opts.skip or (name == "kv_cache" and "fused" not in state):
                 continue
+            elif name == "distributed_optimizer" and opts.device != "cuda":
+                continue  # train.optimizer_impl=megatron is CUDA-only (megatron-core 0.16.1 allocates on "cuda")
             start = time.perf_counter()
             rows = _guard(name, fn)
             for row in rows:

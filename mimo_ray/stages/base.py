@@ -25,6 +25,7 @@ from mimo_ray.parallel.imported_layout import is_imported, load_imported
 from mimo_ray.parallel.layer_layout import match_module, rename_all
 from mimo_ray.parallel.megatron_setup import init_megatron, seed_everything
 from mimo_ray.parallel.tp_shards import unshard
+from mimo_ray.stages.megatron_optim import resolve_impl
 from mimo_ray.stages.optim import (
     clip_coefficient,
     divide_grads,
@@ -114,7 +115,9 @@ class Stage:
         self.payload_format = "numpy"
         self.device = torch.device("cpu")
         self.module: torch.nn.Module | None = None
-        self.optimizer: MixedPrecisionOptimizer | None = None
+        # MixedPrecisionOptimizer ("torch") or, on CUDA, Megatron's DistributedAdam ("megatron"): train.optimizer_impl.
+        self.optimizer: Any = None
+        self.optimizer_impl = "torch"
         self.dtype = compute_dtype(cfg)
         # fp16 only: the dynamic loss scale (identical on every stage: all see the same global grad norms).
         self.scaler: DynamicLossScaler | None = None
@@ -162,10 +165,23 @@ class Stage:
         # An encoder group with no input modality (output tasks only), or whose parts are all frozen, has no
         # trainable parameters, hence no optimizer (and no optimizer state): it still encodes and routes the data.
         params = [p for p in self.module.parameters() if p.requires_grad]
-        self.optimizer = MixedPrecisionOptimizer(params, self.cfg.train) if params and self.trains else None
+        self.optimizer = self._build_optimizer(params) if params and self.trains else None
         num = sum(p.numel() for p in self.module.parameters())
         return {"rank": self.rank, "dp_rank": self.dp_rank, "tp_rank": self.tp_rank, "num_params": num,
                 "trainable_params": counts["trainable"], "frozen_params": counts["frozen"]}
+
+    def _build_optimizer(self, params: list[torch.nn.Parameter]) -> Any:
+        """The optimizer ``train.optimizer_impl`` resolves to on this stage's device."""
+        self.optimizer_impl = resolve_impl(self.cfg.train.optimizer_impl, self.device)
+        if self.optimizer_impl == "megatron":
+            from mimo_ray.stages.distributed_adam import DistributedAdam
+
+            return DistributedAdam(self.module, self.cfg.train, self.dtype)
+        return MixedPrecisionOptimizer(params, self.cfg.train)
+
+    @property
+    def _megatron(self) -> bool:
+        return self.optimizer is not None and self.optimizer_impl == "megatron"
 
     def _named_params(self) -> list[tuple[str, torch.nn.Parameter]]:
         return [(n, p) for n, p in self.module.named_parameters() if p.requires_grad]
@@ -181,6 +197,9 @@ class Stage:
         (loss * scale if scale != 1.0 else loss).backward()
 
     def _clear_grads(self) -> None:
+        if self._megatron:  # main_grad is a view of Megatron's grad bucket: zero it, never drop it
+            self.optimizer.zero_grad()
+            return
         for _, p in self._named_params():
             p.grad = None
             if hasattr(p, "main_grad"):
@@ -211,7 +230,8 @@ class Stage:
                 (results of earlier calls, passed only so their errors propagate) are skipped.
 
         Returns:
-            This rank's share of the squared global grad norm (0 on DP ranks other than 0).
+            This rank's share of the squared global grad norm (torch optimizer: 0 on DP ranks other than 0; Megatron's
+            distributed optimizer: the norm of the rank's reduce-scattered shard).
 
         Raises:
             ValueError: the global batch has no loss tokens.
@@ -221,6 +241,9 @@ class Stage:
         num_tokens = math.fsum(s["num_tokens"] for s in lm_stats if s is not None)
         if num_tokens <= 0:
             raise ValueError("the global batch has no loss tokens (loss_mask is all zero)")
+        if self._megatron:
+            self.optimizer.reduce_grads(num_tokens * self.loss_scale)
+            return self.optimizer.grad_sq_norm(count_replicated=self.tp_rank == 0)
         params = [p for _, p in self._named_params()]
         group = parallel_state.get_data_parallel_group()
         if dist.get_world_size(group) > 1:
@@ -260,7 +283,7 @@ class Stage:
         skipped = self.scaler is not None and not math.isfinite(norm)
         coef = 1.0 if skipped else clip_coefficient(norm, max_norm)
         self._last_grads = {}
-        for name, p in self._named_params():
+        for name, p in self._named_params() if not self._megatron else ():  # Megatron: in-place, zeroed after
             grad = param_grad(p)
             if grad is not None:
                 self._last_grads[name] = grad  # step() scales into a new tensor: the pre-clip one stays readable
@@ -300,25 +323,43 @@ class Stage:
 
     @stage_call
     def full_grads(self) -> dict[str, torch.Tensor]:
-        """Last step's pre-clip global-mean gradients keyed like the fused model; non-empty on rank 0 only."""
+        """Last step's pre-clip global-mean gradients keyed like the fused model; non-empty on rank 0 only.
+
+        Raises:
+            ValueError: with Megatron's distributed optimizer (its gradients are reduce-scattered shards, clipped in
+                place and zeroed after the step: none are kept).
+        """
+        if self._megatron:
+            raise ValueError("full_grads() is not available with train.optimizer_impl resolved to megatron")
         return self._full_view(self._last_grads)
 
     def _ckpt_file(self, path: str) -> Path:
         return Path(path) / self.role / f"tp{self.tp_rank}.pt"
 
+    def _shard_file(self, path: str) -> Path:
+        """Megatron's distributed optimizer: this (TP, DP) rank's optimizer shard (see ``distributed_adam.py``)."""
+        return Path(path) / self.role / f"optim_tp{self.tp_rank}_dp{self.dp_rank}.pt"
+
     @stage_call
     def save(self, path: str) -> str | None:
-        """Write this shard's model and optimizer state (DP rank 0 of each TP rank) as a tensors-only file.
+        """Write this shard's model and optimizer state (DP rank 0 of each TP rank) as a tensors-only file; with
+        Megatron's distributed optimizer every DP rank also writes its optimizer shard (:meth:`_shard_file`).
 
         Returns:
             The file written, or ``None`` on DP replicas.
         """
+        file = self._ckpt_file(path)
+        if self._megatron:
+            file.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(self.optimizer.shard_state(), self._shard_file(path))
         if self.dp_rank != 0:
             return None
-        file = self._ckpt_file(path)
         file.parent.mkdir(parents=True, exist_ok=True)
         model = {k: v.detach().cpu() for k, v in self.module.state_dict().items() if isinstance(v, torch.Tensor)}
-        optim = self.optimizer.state_dict() if self.optimizer is not None else {}
+        if self._megatron:
+            optim = {"impl": "megatron"}
+        else:
+            optim = self.optimizer.state_dict() if self.optimizer is not None else {}
         if self.scaler is not None:
             optim["loss_scaler"] = self.scaler.state_dict()
         if optim:  # parameter names in optimizer order, so a changed model.freeze can still reload by name
@@ -338,10 +379,15 @@ class Stage:
         file = self._ckpt_file(path)
         if not file.exists() and is_imported(path):  # a step-0 import: weights only, a fresh optimizer
             load_imported(self.module, path, self.name_prefix, self.tp_rank, self.tp)
+            if self.optimizer is not None:  # 16-bit weights: fp32 masters from the imported weights
+                self.optimizer.sync_masters()
             self._last_grads = {}
             self._in_step = False
             return
         saved_tp = len(list(file.parent.glob("tp*.pt")))
+        if saved_tp and saved_tp != self.tp and self._megatron:
+            raise ValueError(f"checkpoint {file.parent} has {saved_tp} TP shards, this run TP {self.tp}: Megatron's "
+                             "distributed optimizer does not reshard; resume with the checkpoint's parallel.lm_tp")
         if saved_tp and saved_tp != self.tp:
             state = self._resharded_state(file.parent, saved_tp)
         elif not file.exists():
@@ -360,8 +406,24 @@ class Stage:
         scaler = optim.pop("loss_scaler", None)
         if self.scaler is not None and scaler is not None:
             self.scaler.load_state_dict(scaler)
-        if self.optimizer is not None and optim:
+        impl = optim.pop("impl", "torch")
+        if self.optimizer is not None and optim and impl != self.optimizer_impl:
+            raise ValueError(f"checkpoint {file}: optimizer state of the {impl} optimizer, this stage runs the "
+                             f"{self.optimizer_impl} one (train.optimizer_impl={self.cfg.train.optimizer_impl} on "
+                             f"{self.device.type}); resume with the device kind and optimizer_impl it was written with")
+        if self._megatron:
+            shard = self._shard_file(path)
+            if not optim:
+                self.optimizer.sync_masters()  # weights only: fresh moments, masters from the loaded weights
+            elif not shard.exists():
+                raise ValueError(f"checkpoint {file.parent} lacks the optimizer shard {shard.name}")
+            else:
+                state_shard = torch.load(shard, map_location=self.device, weights_only=True)
+                self.optimizer.load_shard_state(state_shard, str(shard))
+        elif self.optimizer is not None and optim:
             self._load_optimizer(optim, optim.pop("param_names", None))
+        elif self.optimizer is not None:  # weights only: the first step must start from them, not from stale masters
+            self.optimizer.sync_masters()
         self._last_grads = {}
         self._in_step = False
 
@@ -398,6 +460,8 @@ class Stage:
         if missing:
             raise ValueError(f"checkpoint {folder} lacks TP shard(s) {missing} (found {saved_tp} tp*.pt files)")
         old = [torch.load(f, map_location="cpu", weights_only=True) for f in files]
+        if (old[0].get("optimizer") or {}).get("impl") == "megatron":
+            raise ValueError(f"checkpoint {folder}: Megatron's optimizer shards do not reshard to TP {self.tp}")
         layouts = tp_layouts(self.module.named_parameters(), swiglu=getattr(self.cfg.model.lm, "swiglu", False))
         own = list(self.module.state_dict())
         saved_names = (old[0].get("optimizer") or {}).get("param_names")

@@ -32,13 +32,23 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], train: TrainConfig) ->
     Returns:
         The optimizer.
     """
+    params = [p for p in params if p.requires_grad]
     return torch.optim.AdamW(
-        [p for p in params if p.requires_grad],
+        params,
         lr=train.lr,
         betas=(train.adam_beta1, train.adam_beta2),
         eps=getattr(train, "adam_eps", 1e-8),
         weight_decay=train.weight_decay,
+        **fused_kwargs(params),
     )
+
+
+def fused_kwargs(params: Iterable[torch.Tensor]) -> dict[str, bool]:
+    """``{"fused": True}`` (torch's fused AdamW kernel) when every parameter is a CUDA tensor, else ``{}`` (torch's
+    default, foreach, on CPU: the CPU path keeps its exact arithmetic).
+    """
+    params = list(params)
+    return {"fused": True} if params and all(p.is_cuda for p in params) else {}
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from mimo_ray.config import Config, TrainConfig
+from mimo_ray.stages.optim import fused_kwargs
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -134,6 +135,7 @@ class MixedPrecisionOptimizer:
             betas=(train.adam_beta1, train.adam_beta2),
             eps=getattr(train, "adam_eps", 1e-8),
             weight_decay=train.weight_decay,
+            **fused_kwargs(self.masters),
         )
 
     @property

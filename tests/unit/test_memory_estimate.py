@@ -99,7 +99,11 @@ def test_avlm_7b_at_tp2():
         row = rows[("lm", "megatron-distributed", dp)]
         assert row.total == (2 + 4 + 12 / dp) * n + act
         assert round(row.total / GiB, 1) == want_gib and row.fits(H100_80GB_BYTES)
-    vision, audio = rows[("encoder-video", "local", 1)], rows[("encoder-audio", "local", 1)]
+    # train.optimizer_impl=auto: on GPU every group runs Megatron's distributed optimizer (18 B/param at DP=1, no
+    # step transient).
+    impl = "megatron-distributed"
+    vision, audio = rows[("encoder-video", impl, 1)], rows[("encoder-audio", impl, 1)]
+    assert vision.step_transient == 0 and vision.weights + vision.grads + vision.optimizer == 18 * vision.params
     # CLIP ViT-L/14-336 without its post-norm (303,505,408) + MLP projector 1024 -> 4096 -> 4096 (20,979,712).
     assert vision.params == 24 * (12 * 1024**2 + 13 * 1024) + 1024 * 3 * 14**2 + 1024 + 577 * 1024 + 2048 + 20_979_712
     assert vision.params == 324_485_120 and audio.params == 38_708_224
@@ -107,5 +111,8 @@ def test_avlm_7b_at_tp2():
 
     text = memory_table(cfg, 2, preset="avlm-7b").render()
     assert "estimate for an 80 GB H100" in text and "6,738,415,616 parameters" in text
+    assert "train.optimizer_impl=auto: a CUDA run uses megatron-distributed in every group" in text
+    torch_rows = group_estimates(load_config("avlm-7b", ["train.optimizer_impl=torch"]), 2, (1,))
+    assert {r.impl for r in torch_rows if r.group.startswith("encoder")} == {"local"}
     measured = memory_table(cfg, 2, capacity=80 * GiB, preset="avlm-7b").render()
     assert "measured GPU total 80.0 GiB" in measured
