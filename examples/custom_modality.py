@@ -61,7 +61,8 @@ class DepthSubmodules(ModalitySubmodules):
         return self.input_projections[0](self.combine_embeddings(embeddings))
 
     def decode(self, embeddings: torch.Tensor, data_batch: dict) -> torch.Tensor:
-        raise NotImplementedError("depth is an input modality")
+        """Required by ``ModalitySubmodules``; depth is input-only (no output decoder), so MimoModel never calls it."""
+        raise TypeError("depth is an input-only modality: it has no output decoder to decode embeddings with")
 
     def forward(self, encoder_inputs: dict) -> torch.Tensor | None:
         return self.project_embeddings(self.encode(encoder_inputs)) if encoder_inputs else None

@@ -121,12 +121,7 @@ class TrainLoop:
 
     def close(self) -> None:
         """Release actors, data workers and writers."""
-        if self.runtime is not None:
-            self.runtime.close()
-            self.runtime = None
-        if self.data is not None:
-            self.data.close()
-            self.data = None
+        self._close_parts()
         self.metrics.close()
 
     # ---------------------------------------------------------------- set-up / resume
