@@ -223,9 +223,9 @@ def generate_ids(
         return _via_batches(cli, step, prompts, chat_template, mimo_config)
     finally:
         if started:
-            import gc
+            from mimo_ray.data.ray_dataset import settle_ray_data_threads
 
-            gc.collect()  # finalise dropped Ray Data iterators while Ray is up (see data.ray_dataset.closing_iter)
+            settle_ray_data_threads()  # no Ray Data thread may touch Ray after the shutdown
             ray.shutdown()
 
 

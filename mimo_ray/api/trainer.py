@@ -182,11 +182,11 @@ class Trainer:
             self._loop.close()
             self._loop = None
         if self._started_ray:
-            import gc
-
             import ray
 
-            gc.collect()  # finalise dropped Ray Data iterators while Ray is up (see data.ray_dataset.closing_iter)
+            from mimo_ray.data.ray_dataset import settle_ray_data_threads
+
+            settle_ray_data_threads()  # no Ray Data thread may touch Ray after the shutdown
             ray.shutdown()
             self._started_ray = False
 

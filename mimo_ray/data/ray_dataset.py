@@ -43,6 +43,28 @@ def closing_iter(iterable: Any) -> Iterator[Iterator[Any]]:
             close()
 
 
+def settle_ray_data_threads(timeout_s: float = 30.0) -> list[str]:
+    """Collect dropped iterators and wait (bounded) for Ray Data's iterator threads (``iter_threaded``) to end.
+
+    Call before ``ray.shutdown()``: such a thread still fetching a block after the shutdown makes the core worker end
+    the whole process (exit 1, "The core worker has already been shutdown").
+
+    Returns:
+        The names of the threads still alive at the deadline (none normally).
+    """
+    import gc
+    import threading
+    import time
+
+    gc.collect()  # finalise dropped Ray Data iterators while Ray is up; their finalisers stop their threads
+    deadline = time.monotonic() + timeout_s
+    while True:
+        alive = [t for t in threading.enumerate() if t.name.startswith("iter_threaded") and t.is_alive()]
+        if not alive or time.monotonic() > deadline:
+            return [t.name for t in alive]
+        alive[0].join(timeout=0.1)
+
+
 def clips_per_task(num_rows: int, workers: int) -> int:
     """Clips per decode task: up to :data:`MAX_CLIPS_PER_TASK`, fewer so small sets still use every worker."""
     return max(1, min(MAX_CLIPS_PER_TASK, math.ceil(num_rows / (4 * workers))))
