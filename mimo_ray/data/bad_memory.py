@@ -162,10 +162,13 @@ class BadRowRegistry:
     of a long multi-epoch plan is not decoded again in the next, even when both are decoded at the same time.
 
     A decode task asks about its block's rows before decoding (:meth:`ask`) and reports when its block is
-    :meth:`done`, with the failures it met. A row whose previous appearance in the plan is not done yet is answered
-    :data:`WAIT`: the task asks again until it is (decode tasks start in plan order, so a task only waits for
-    earlier ones; the wait is bounded, so a task that died holds nobody up for long). An optimisation only: the
-    in-order consumer (:class:`BadRowKeeper`) decides what is bad.
+    :meth:`done`, with the failures it met. A row whose previous appearance in the plan is being decoded right now
+    (asked by a task that is not done) is answered :data:`WAIT`: the task asks again until it is done (bounded, so
+    a task that died holds nobody up for long). A previous appearance that no task has started is not waited for:
+    Ray Data may start a later block first, and when the decode pool has room for one task only, the earlier block
+    could not start until the waiting one gave up (a stall of ``timeout_s * (1 + retries)`` per block, seen on a
+    one-node decode pool); the row is then decoded twice at worst. An optimisation only: the in-order consumer
+    (:class:`BadRowKeeper`) decides what is bad.
 
     Args:
         state: :meth:`BadMemory.to_state` of the facts known at the start.
@@ -180,6 +183,7 @@ class BadRowRegistry:
         self.first_epoch = first_epoch
         self.first_ids = set(first_ids)
         self.last_done: dict[str, int] = {}  # id → latest epoch whose appearance is done
+        self.in_flight: set[tuple[str, int]] = set()  # (id, epoch) asked by a task that is not done yet
 
     def _previous(self, rid: str, epoch: int) -> int | None:
         """The epoch of ``rid``'s previous appearance in the plan (``None``: this is its first)."""
@@ -188,13 +192,18 @@ class BadRowRegistry:
         return epoch - 1
 
     def ask(self, keys: list[tuple[str, int]]) -> list[str | None]:
-        """Per ``(id, epoch)``: the stage it is known bad with, :data:`WAIT`, or ``None`` (decode it)."""
+        """Per ``(id, epoch)``: the stage it is known bad with, :data:`WAIT`, or ``None`` (decode it). Keys not known
+        bad are in flight (the asking task will decode them) until :meth:`done`.
+        """
         out: list[str | None] = []
         for rid, epoch in keys:
             stage = self.memory.verdict(rid, epoch)
             previous = self._previous(rid, epoch) if stage is None else None
-            if previous is not None and self.last_done.get(rid, previous - 1) < previous:
+            if (previous is not None and self.last_done.get(rid, previous - 1) < previous
+                    and (rid, previous) in self.in_flight):  # fmt: skip
                 stage = WAIT
+            if stage is None or stage == WAIT:
+                self.in_flight.add((rid, epoch))
             out.append(stage)
         return out
 
@@ -203,6 +212,7 @@ class BadRowRegistry:
         new = sum(self.memory.record(rid, epoch, stage) for rid, epoch, stage in failures)
         for rid, epoch in keys:
             self.last_done[rid] = max(epoch, self.last_done.get(rid, epoch))
+            self.in_flight.discard((rid, epoch))
         return new
 
     def verdicts(self, keys: list[tuple[str, int]]) -> list[str | None]:

@@ -95,8 +95,10 @@ def decode_resources(cfg: Any, pool: str | None = None, reserved_cpus: float = 0
     """``(CPU budget for Ray Data, CPUs per decode task)``.
 
     With a decode ``pool`` the budget is the pool's resource (the stage actors live elsewhere); a pool that has no
-    node yet gets one slot per decode worker, which the autoscaler then provides. ``reserved_cpus`` are the logical
-    CPUs the stage actors hold (``mimo_ray.runtime.placement.stage_cpu_reservation``), set aside from the budget.
+    node yet gets one slot per decode worker, which the autoscaler then provides. The tasks' share leaves room for
+    the collate actor's :data:`COLLATE_POOL_SHARE`, so all ``data.num_decode_workers`` tasks run at once.
+    ``reserved_cpus`` are the logical CPUs the stage actors hold
+    (``mimo_ray.runtime.placement.stage_cpu_reservation``), set aside from the budget.
 
     Raises:
         RuntimeError: no CPU is left for decoding once the stage actors' share is set aside.
@@ -111,7 +113,10 @@ def decode_resources(cfg: Any, pool: str | None = None, reserved_cpus: float = 0
         most = (cluster_capacity() or {}).get(pool)
         if most:
             budget = min(budget, most)
-        return budget, max(min(1.0, math.floor(100 * budget / workers) / 100), 0.01)
+        # The collate actor holds COLLATE_POOL_SHARE of the pool too: leave it room, or one decode task fewer runs
+        # (2 workers x 1.0 + 0.01 on a 2-slot node: one task at a time, seen on the fake cluster).
+        slots = budget - COLLATE_POOL_SHARE
+        return budget, max(min(1.0, math.floor(100 * slots / workers) / 100), 0.01)
     total = float(ray.cluster_resources().get("CPU", 0.0))
     reserved = float(reserved_cpus)
     budget = total - reserved

@@ -285,6 +285,26 @@ class FakeCluster:
                 pass
         return pids
 
+    def holders(self) -> str:
+        """What the autoscaler sees (``ray status -v``: usage and idle time per node) and what still holds
+        resources (live actors, placement groups not removed): for a failure message when a node does not go."""
+        from ray.util.state import list_actors, list_placement_groups
+
+        gcs = self.config["provider"]["gcs_address"]
+        status = subprocess.run([str(BIN / "ray"), "status", "-v", f"--address={gcs}"], env=self.env(),
+                                capture_output=True, text=True, timeout=60)  # fmt: skip
+        parts = [f"--- ray status -v\n{status.stdout[-4000:]}{status.stderr[-1000:]}"]
+        try:
+            actors = list_actors(address=self.address, filters=[("state", "!=", "DEAD")], limit=1000, timeout=30,
+                                 raise_on_missing_output=False, detail=True)  # fmt: skip
+            pgs = list_placement_groups(address=self.address, filters=[("state", "!=", "REMOVED")], limit=1000,
+                                        timeout=30, raise_on_missing_output=False, detail=True)  # fmt: skip
+            parts.append("--- live actors\n" + dumps([(a.name, a.class_name, a.node_id, a.state) for a in actors]))
+            parts.append("--- placement groups\n" + dumps([(g.name, g.state, g.bundles) for g in pgs]))
+        except Exception as err:  # noqa: BLE001 - diagnostics only
+            parts.append(f"--- state API failed: {err}")
+        return "\n".join(parts)
+
     # ----- teardown
     def stop(self) -> None:
         """End the head's process group, then every remaining process of this cluster (found by ancestry and by

@@ -1,11 +1,12 @@
 """`ray_cluster.yaml` for real: an autoscaling cluster made from it (Ray's fake multi-node provider, NOTES §9), and
 `jobs/train.py` submitted with `ray job submit` (the SDK client, and the `ray job submit` command line).
 
-One cluster, two jobs:
-1. an uninterrupted run: the pools scale up for the stage placement groups and decode tasks, every actor and decode
-   task runs on its pool, the idle GPU pools scale down afterwards;
-2. the same run with the LM node killed mid-run: the autoscaler replaces the node, the driver's recovery rebuilds the
-   groups from the latest checkpoint, and the final loss equals the uninterrupted run's.
+One cluster, one job (the cluster and the job are the slowest part of the suite, so one job checks all of this):
+the pools scale up for the stage placement groups and decode tasks, every actor and decode task runs on its pool;
+after the first checkpoint the LM node is killed: the autoscaler replaces it, the driver's recovery waits for the new
+node and rebuilds the groups from the latest checkpoint, the final loss equals an uninterrupted run's (the fused
+runtime in the test process, equal to the disaggregated one within LOSS_RTOL: test_train_job), and the idle GPU pools
+scale down after the job.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from fake_cluster import FakeCluster, dumps, job_events
 from tolerances import LOSS_RTOL
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
 STEPS = 6
 #: Bounds (generous: 2 shared cores) for one job, for a node to appear and for idle nodes to go.
 JOB_TIMEOUT_S = 420
@@ -148,14 +150,15 @@ def _placements(cluster: FakeCluster, job: Job) -> dict[str, list[str]]:
 
 
 def _wait_scaled_down(cluster: FakeCluster, t0: float) -> float:
-    """Seconds from ``t0`` until no GPU-pool node is alive (bounded)."""
+    """Seconds from ``t0`` until no GPU-pool node is alive (bounded); on time-out the failure shows what the
+    autoscaler saw (``ray status -v``: usage and idle time per node) and what still held resources."""
     deadline = time.monotonic() + SCALE_DOWN_TIMEOUT_S
     while time.monotonic() < deadline:
         alive = cluster.alive_pools()
         if not any(alive.get(p) for p in GPU_POOLS):
             return time.monotonic() - t0
         time.sleep(1)
-    pytest.fail(f"GPU pools still up {SCALE_DOWN_TIMEOUT_S} s after the job: {alive}\n{cluster.log_tail()}")
+    pytest.fail(f"GPU pools still up {SCALE_DOWN_TIMEOUT_S} s after the job: {alive}\n{cluster.holders()}")
 
 
 def _final_loss(out: Path) -> float:
@@ -164,45 +167,38 @@ def _final_loss(out: Path) -> float:
 
 @pytest.mark.cluster
 @pytest.mark.slow
-@pytest.mark.timeout(900)  # idle 2-core box: ~3 min; the bounds inside name what was late
-def test_pools_scale_for_the_job_and_a_lost_lm_node_is_replaced(tmp_path, synthetic_module):
+@pytest.mark.timeout(900)  # idle 2-core box: ~2 min; the bounds inside name what was late
+def test_pools_scale_for_the_job_and_a_lost_lm_node_is_replaced(tmp_path, synthetic_module, ray_local):
     from ray.job_submission import JobStatus, JobSubmissionClient
 
+    from jobs import train as train_job
+
     data = _make_data(tmp_path / "data", synthetic_module)
+    # The uninterrupted reference: the same flags, fused, in this process (no cluster resources to ask for).
+    out_ref = tmp_path / "reference"
+    train_job.main(["--preset", "tiny", "--max-steps", str(STEPS), "--output-dir", str(out_ref), "--data-path",
+                    str(data), "--runtime", "fused", "train.ckpt_interval=0"])  # fmt: skip
+    loss_ref = _final_loss(out_ref)
     t_start = time.monotonic()
     with FakeCluster(tmp_path, idle_timeout_minutes=0.1) as cluster:
         t_head = time.monotonic() - t_start
         client = JobSubmissionClient(cluster.address)
-
-        # ---- 1. uninterrupted run
-        out_a = tmp_path / "run_a"
-        job = Job(cluster, client, _entrypoint(data, out_a))
-        status = job.wait()
-        assert status == JobStatus.SUCCEEDED, job.logs() + cluster.log_tail()
-        placed = _placements(cluster, job)
-        seen = cluster.nodes()
-        launched = sorted(info.pool for info in seen.values() if info.pool != "head")
+        # Submitted with the command line, as a user does: `ray job submit -- python jobs/train.py ...`.
+        out = tmp_path / "run"
+        job = Job(cluster, client, _entrypoint(data, out, "python"), cli=True)
+        metrics = out / "metrics.jsonl"
+        status = job.wait(until=lambda: (out / "checkpoints" / "latest").exists() and metrics.exists())
+        assert status is None, f"the job ended ({status}) before its first checkpoint:\n{job.logs()}"
         # The autoscaler launched exactly one node of each pool: the decode pool (min_workers 1) and the GPU pools
         # for the pending placement groups (min_workers 0: nothing else would start them).
+        seen = cluster.nodes()
+        launched = sorted(info.pool for info in seen.values() if info.pool != "head")
         assert launched == ["cpu_decode", "encoder_gpu", "lm_gpu"], dumps(seen)
-        assert set(placed["encoder-shared"]) == {"encoder_gpu"}, dumps(placed)
-        assert set(placed["lm"]) == {"lm_gpu"}, dumps(placed)
-        assert set(placed["collate"]) == {"cpu_decode"}, dumps(placed)
-        assert placed["decode"] and set(placed["decode"]) == {"cpu_decode"}, dumps(placed)
-        scale_down_s = _wait_scaled_down(cluster, job.t_end)
-        assert cluster.alive_pools().get("cpu_decode") == 1  # min_workers stays
-        loss_a = _final_loss(out_a)
-
-        # ---- 2. the LM node dies after the first checkpoint; the autoscaler replaces it, recovery finishes the run
-        out_b = tmp_path / "run_b"
-        # Submitted with the command line, as a user does: `ray job submit -- python jobs/train.py ...`.
-        job_b = Job(cluster, client, _entrypoint(data, out_b, "python"), cli=True)
-        metrics = out_b / "metrics.jsonl"
-        status_b = job_b.wait(until=lambda: (out_b / "checkpoints" / "latest").exists() and metrics.exists())
-        assert status_b is None, f"job b ended ({status_b}) before its first checkpoint:\n{job_b.logs()}"
-        lm_nodes_before = {node for name, _, node, _ in job_events(cluster.address, job_b.ray_job_id)["actors"]
+        lm_nodes_before = {node for name, _, node, _ in job_events(cluster.address, job.ray_job_id)["actors"]
                            if name.startswith("mimo/lm/")}  # fmt: skip
         assert len(lm_nodes_before) == 1 and cluster.nodes()[next(iter(lm_nodes_before))].pool == "lm_gpu"
+
+        # ---- the LM node dies after the first checkpoint; the autoscaler replaces it, recovery finishes the run
         victim = lm_nodes_before.pop()
         t_kill = time.monotonic()
         killed = cluster.kill_node(victim)
@@ -215,40 +211,45 @@ def test_pools_scale_for_the_job_and_a_lost_lm_node_is_replaced(tmp_path, synthe
                 replaced_s.append(time.monotonic() - t_kill)
             return False
 
-        status_b = job_b.wait(until=replaced)
-        assert status_b == JobStatus.SUCCEEDED, job_b.logs() + cluster.log_tail()
-        summary = json.loads((out_b / "summary.json").read_text())
+        status = job.wait(until=replaced)
+        assert status == JobStatus.SUCCEEDED, job.logs() + cluster.log_tail()
+        summary = json.loads((out / "summary.json").read_text())
         assert summary["steps"] == STEPS and len(summary["failures"]) >= 1, dumps(summary)
         # Waiting for the replacement node is reported, and is no failure: only the lost node's failure counts.
-        log_b = job_b.full_logs()
+        log = job.full_logs()
         # The job's driver attached to the cluster (RAY_ADDRESS from the job supervisor), not an embedded Ray.
-        assert "Connecting to existing Ray cluster" in log_b and "Started a local Ray instance" not in log_b
-        assert (out_b / "checkpoints" / "latest").read_text().strip() == f"step_{STEPS:07d}"
-        assert (out_b / "checkpoints" / f"step_{STEPS:07d}" / "COMPLETE").exists()
-        assert "waiting for 1 bundle of pool lm_gpu (lm)" in log_b, job_b.logs()
+        assert "Connecting to existing Ray cluster" in log and "Started a local Ray instance" not in log
+        assert (out / "checkpoints" / "latest").read_text().strip() == f"step_{STEPS:07d}"
+        assert (out / "checkpoints" / f"step_{STEPS:07d}" / "COMPLETE").exists()
+        # Whether recovery had to wait depends on how soon the autoscaler's new node is up (Ray reschedules the lost
+        # bundle at once, so the node may be there before the driver asks again); when it waited, it waited for the
+        # lost LM bundle only. The report itself is checked deterministically in test_demand.
+        after_failure = log[log.index("rebuilding all groups from latest") :]
+        waits = [line for line in after_failure.splitlines() if "[driver] waiting for" in line]
+        assert all("[driver] waiting for 1 bundle of pool lm_gpu (lm) (" in line for line in waits), waits
         assert not [f for f in summary["failures"] if "recovery after" in f], dumps(summary)
-        seen_b = cluster.nodes()
-        assert seen_b[victim].alive is False
-        lm_b = {n for n, i in seen_b.items() if i.pool == "lm_gpu"} - {victim}
-        assert len(lm_b) >= 1, dumps(seen_b)  # a new LM node
-        placed_b = _placements(cluster, job_b)
-        assert set(placed_b["lm"]) == {"lm_gpu"} and len(placed_b["lm"]) >= 2, dumps(placed_b)  # before + after
-        assert set(placed_b["encoder-shared"]) == {"encoder_gpu"}, dumps(placed_b)
-        loss_b = _final_loss(out_b)
-        assert loss_b == pytest.approx(loss_a, rel=LOSS_RTOL)
-        scale_down_b_s = _wait_scaled_down(cluster, job_b.t_end)
+        seen = cluster.nodes()
+        assert seen[victim].alive is False
+        lm_after = {n for n, i in seen.items() if i.pool == "lm_gpu"} - {victim}
+        assert len(lm_after) >= 1, dumps(seen)  # a new LM node
+        placed = _placements(cluster, job)
+        assert set(placed["lm"]) == {"lm_gpu"} and len(placed["lm"]) >= 2, dumps(placed)  # before + after
+        assert set(placed["encoder-shared"]) == {"encoder_gpu"}, dumps(placed)
+        assert set(placed["collate"]) == {"cpu_decode"}, dumps(placed)
+        assert placed["decode"] and set(placed["decode"]) == {"cpu_decode"}, dumps(placed)
+        loss = _final_loss(out)
+        assert loss == pytest.approx(loss_ref, rel=LOSS_RTOL)
+        scale_down_s = _wait_scaled_down(cluster, job.t_end)
+        assert cluster.alive_pools().get("cpu_decode") == 1  # min_workers stays
         report = {
             "head_up_s": round(t_head, 1),
-            "job_a_scale_up_s": {k: round(v, 1) for k, v in job.first_alive.items()},
-            "job_a_wall_s": round(job.t_end - job.t_submit, 1),
-            "job_a_scale_down_s": round(scale_down_s, 1),
-            "job_b_scale_up_s": {k: round(v, 1) for k, v in job_b.first_alive.items()},
+            "scale_up_s": {k: round(v, 1) for k, v in job.first_alive.items()},
             "lm_node_replaced_after_kill_s": replaced_s[0] if replaced_s else None,
-            "job_b_wall_s": round(job_b.t_end - job_b.t_submit, 1),
-            "job_b_scale_down_s": round(scale_down_b_s, 1),
-            "final_loss": [loss_a, loss_b],
-            "failures_b": summary["failures"],
-            "placed_a": {k: sorted(set(v)) + [len(v)] for k, v in placed.items()},
+            "job_wall_s": round(job.t_end - job.t_submit, 1),
+            "scale_down_s": round(scale_down_s, 1),
+            "final_loss": [loss_ref, loss],
+            "failures": summary["failures"],
+            "placed": {k: sorted(set(v)) + [len(v)] for k, v in placed.items()},
             "nodes": {n[-5:]: [i.pool, i.alive] for n, i in cluster.nodes().items()},
         }
         print("AUTOSCALING " + json.dumps(report, default=str), flush=True)

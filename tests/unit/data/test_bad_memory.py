@@ -82,18 +82,33 @@ def test_locate_replays_epoch_dependent_bad_rows(shuffle: bool) -> None:
         plan.locate(5, lambda _e: set(range(9)), horizon=1)
 
 
-def test_registry_holds_a_later_epoch_until_the_earlier_one_is_decoded() -> None:
+def test_registry_holds_a_later_epoch_while_the_earlier_one_is_being_decoded() -> None:
     from mimo_ray.data.bad_memory import WAIT, BadRowRegistry
 
     # The plan starts mid-epoch 3 with rows a and b; every later epoch is whole (a, b, c).
     reg = BadRowRegistry({}, 1, first_epoch=3, first_ids=["a", "b"])
-    assert reg.ask([("a", 3), ("c", 4), ("a", 4), ("b", 5)]) == [None, None, WAIT, WAIT]
+    assert reg.ask([("a", 3), ("b", 3)]) == [None, None]  # a task started on a and b of epoch 3
+    assert reg.ask([("c", 4), ("a", 4), ("b", 5)]) == [None, WAIT, None]  # b's epoch 4: no task started it
     assert reg.done([("a", 3)], [("a", 3, "open")]) == 1  # a's decode in epoch 3 failed for good
     assert reg.ask([("a", 4), ("a", 9)]) == ["open", "open"]
     assert reg.done([("b", 3), ("c", 4)], [("b", 3, "timeout")]) == 1
     assert reg.ask([("b", 4), ("b", 5), ("c", 5)]) == [None, WAIT, None]  # b: retried in epoch 4
     reg.done([("b", 4)], [])
     assert reg.ask([("b", 5)]) == [None] and reg.verdicts([("b", 3), ("a", 2)]) == ["timeout", None]
+    assert reg.in_flight == {("a", 4), ("b", 5), ("c", 5)}  # asked, never done here
+
+
+def test_a_later_block_that_starts_first_does_not_wait_for_one_that_cannot_start() -> None:
+    """Ray Data may start the block holding a row's epoch 1 before the block holding its epoch 0; with room for one
+    decode task (a one-node decode pool), waiting for epoch 0 would stall until the wait's deadline."""
+    from mimo_ray.data.bad_memory import BadRowRegistry
+
+    reg = BadRowRegistry({}, 1, first_epoch=0, first_ids=["a", "b"])
+    assert reg.ask([("a", 1), ("b", 1)]) == [None, None]  # epoch 0's block has not started: decode now
+    assert reg.done([("a", 1), ("b", 1)], [("b", 1, "open")]) == 1
+    assert reg.ask([("a", 0), ("b", 0)]) == [None, None]  # the earlier block then decodes its own epoch
+    reg.done([("a", 0), ("b", 0)], [])
+    assert reg.ask([("a", 2), ("b", 2)]) == [None, "open"] and reg.in_flight == {("a", 2)}
 
 
 # ---------------------------------------------------------------- the pipeline (real media, local Ray)

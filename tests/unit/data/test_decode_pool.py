@@ -22,9 +22,9 @@ def test_decode_pool_choice(monkeypatch, setting, cluster, pool):
     assert decode_pool(cfg) == pool
     assert pool_remote_args(pool, 0.5) == ({"resources": {pool: 0.5}} if pool else {})
     if pool == "cpu_decode":  # the pool's own CPUs are the budget; stage actors live elsewhere
-        assert decode_resources(cfg, pool) == (2.0, 0.5)
+        assert decode_resources(cfg, pool) == (2.0, 0.49)  # 4 tasks and the collate actor's share fit in 2
     if pool == "decode_node":  # no node yet: one slot per decode worker, the autoscaler brings the node
-        assert decode_resources(cfg, pool) == (4.0, 1.0)
+        assert decode_resources(cfg, pool) == (4.0, 0.99)
 
 
 def test_decode_demand_never_exceeds_what_the_autoscaler_may_start(monkeypatch):
@@ -33,9 +33,23 @@ def test_decode_demand_never_exceeds_what_the_autoscaler_may_start(monkeypatch):
     cfg = load_config("tiny", ["parallel.decode_resource=decode_node", "data.num_decode_workers=8"])
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 4})  # no pool node yet
     monkeypatch.setattr(rd, "cluster_capacity", lambda: {"CPU": 6.0, "decode_node": 2.0})  # max_workers x 2
-    assert decode_resources(cfg, "decode_node") == (2.0, 0.25)  # 8 tasks in 2 slots, never 8 slots
+    assert decode_resources(cfg, "decode_node") == (2.0, 0.24)  # 8 tasks in 2 slots, never 8 slots
     monkeypatch.setattr(rd, "cluster_capacity", lambda: None)  # no autoscaler config: one slot per worker
-    assert decode_resources(cfg, "decode_node") == (8.0, 1.0)
+    assert decode_resources(cfg, "decode_node") == (8.0, 0.99)
+
+
+@pytest.mark.parametrize(("slots", "workers"), [(2.0, 2), (2.0, 1), (4.0, 3), (1.0, 4)])
+def test_all_decode_tasks_and_the_collate_actor_fit_the_pool_at_once(monkeypatch, slots, workers):
+    """ray_cluster.yaml's decode node has 2 slots and 2 decode workers by default: with 1.0 per task and the collate
+    actor's 0.01, only one task ran at a time (and a task waiting on another's verdict stalled until its deadline)."""
+    import mimo_ray.data.ray_dataset as rd
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 4, "cpu_decode": slots})
+    monkeypatch.setattr(rd, "cluster_capacity", lambda: None)
+    cfg = load_config("tiny", [f"data.num_decode_workers={workers}"])
+    budget, per_task = decode_resources(cfg, "cpu_decode")
+    assert budget == slots and workers * per_task + rd.COLLATE_POOL_SHARE <= slots
+    assert per_task >= min(1.0, slots / workers) - 0.02
 
 
 def test_closing_iter_closes_the_generator_ray_data_made(ray_local):
