@@ -2,6 +2,8 @@
 
 import warnings as _warnings
 
+from mimo_ray import _lazy_compile
+
 # megatron-core warns at import that TE/Apex are missing and that MIMO is experimental; on CPU both are expected.
 # Set here so every process that imports any part of mimo_ray (driver, actors, Ray Data workers) is quiet.
 for _pattern in (
@@ -11,6 +13,9 @@ for _pattern in (
     ".*full scope is deprecated.*",
 ):
     _warnings.filterwarnings("ignore", message=_pattern)
+
+# megatron-core's fusion kernels (off in mimo_ray) are torch.compile'd at import; defer that to their first call.
+_lazy_compile.install()
 
 __version__ = "0.1.0"
 

@@ -1,7 +1,7 @@
 """The public Python API (issue 20, DESIGN.md C13) as a driver script uses it: a user modality with two encoders of
 the user's own classes (examples/custom_modality.py) trained fused and disaggregated from an in-memory iterable
-(equal losses), recovered after a killed actor, generated from; a text-only model; generate == jobs/infer.py; the
-examples run."""
+(equal losses, the disaggregated run recovering from a killed LM actor), resumed, generated from; a text-only
+model; generate == jobs/infer.py; the examples run."""
 
 import importlib.util
 import os
@@ -60,17 +60,37 @@ def test_public_names_are_exported_lazily():
     assert out.stdout.split() == ["False", "False"]  # Ray workers importing internals never pay for the API
 
 
-def test_user_modality_two_encoders_fused_equals_disaggregated_and_generates(ray_local, tmp_path, depth):
-    losses, ckpts, answers = {}, {}, {}
+def _kill_an_lm_actor_at(step_to_kill: int, killed: list[str]):
+    """``on_step_start`` hook: kill one LM actor (no restart) when step ``step_to_kill`` starts, once."""
+
+    def hook(step: int):
+        if step != step_to_kill or killed:
+            return None
+        names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)]
+        victim = sorted(n for n in names if n.startswith("mimo/lm") and "/0.g" in n)[-1]
+        ray.kill(ray.get_actor(victim), no_restart=True)
+        killed.append(victim)
+        return f"killed {victim}"
+
+    return hook
+
+
+def test_user_modality_two_encoders_fused_equals_disaggregated_recovers_and_generates(ray_local, tmp_path, depth):
+    """One user-spec run per runtime; the disaggregated one loses an LM actor at step 2 and recovers from the step-2
+    checkpoint (the groups are rebuilt from the user's spec), and still equals the fused run."""
+    losses, ckpts, answers, killed = {}, {}, {}, []
     for runtime in ("fused", "disaggregated"):
-        cfg = _depth_cfg(tmp_path, runtime)
+        cfg = _depth_cfg(tmp_path, runtime, step_timeout_s=60.0)
         spec = depth.depth_model(cfg)
-        with mimo_ray.Trainer(cfg, mimo_config=spec, data=depth.depth_batches(cfg, spec, 3)) as trainer:
+        hook = _kill_an_lm_actor_at(2, killed) if runtime == "disaggregated" else None
+        with mimo_ray.Trainer(cfg, mimo_config=spec, data=depth.depth_batches(cfg, spec, 3),
+                              on_step_start=hook) as trainer:  # fmt: skip
             result = trainer.fit()
         assert result["steps"] == 5 and len(result["losses"]) == 5
         losses[runtime], ckpts[runtime] = result["losses"], result["checkpoint"]
         assert result["checkpoint"].endswith("step_0000005")
-        # Samples of the in-memory batches, cycled over passes: 3 batches of 8, 5 steps → 40 ids
+        # Samples of the in-memory batches, cycled over passes: 3 batches of 8, 5 steps → 40 ids (the step
+        # replayed after the recovery is logged once)
         ids = [i for line in (tmp_path / runtime / "samples.jsonl").read_text().splitlines()
                for i in __import__("json").loads(line)["ids"]]
         assert len(ids) == 40 and ids[:8] == [f"batch-0-{i}" for i in range(8)] and ids[24:32] == ids[:8]
@@ -80,43 +100,21 @@ def test_user_modality_two_encoders_fused_equals_disaggregated_and_generates(ray
                                                                                     dtype="float32")}}}
         answers[runtime] = mimo_ray.generate_ids(result["checkpoint"], [prompt, prompt], max_new_tokens=4,
                                                  mimo_config=spec, runtime=runtime)
+        if runtime == "disaggregated":
+            assert len(killed) == 1 and len(result["recoveries"]) == 1, result["recoveries"]
+            assert result["recoveries"][0]["resumed_step"] == 2
     assert _rel(losses["disaggregated"], losses["fused"]) <= REL
     assert losses["fused"][-1] < losses["fused"][0]
     assert answers["fused"] == answers["disaggregated"] and answers["fused"][0] == answers["fused"][1]
     assert all(0 < len(a) <= 4 for a in answers["fused"])
+    # Resume the fused run to 6 steps with the same spec: steps 1-5 come from its metrics, step 6 continues.
+    cfg_r = _depth_cfg(tmp_path, "fused", steps=6, overwrite=False, resume=True)
+    with mimo_ray.Trainer(cfg_r, mimo_config=depth.depth_model(cfg_r), data=depth.depth_batches(cfg_r, spec, 3)) as t:
+        resumed = t.fit()
+    assert resumed["steps"] == 6 and resumed["losses"][:5] == losses["fused"]
     # Without the spec object, a run trained from one cannot be rebuilt: the error says what to pass.
     with pytest.raises(ValueError, match="pass the same spec as mimo_config="):
         mimo_ray.generate(ckpts["fused"], ["hi"], runtime="fused")
-
-
-def test_user_spec_run_recovers_from_a_killed_lm_actor_and_resumes(ray_local, tmp_path, depth):
-    cfg = _depth_cfg(tmp_path, "disaggregated", steps=4, step_timeout_s=60.0)
-    spec = depth.depth_model(cfg)
-    batches = depth.depth_batches(cfg, spec, 4)
-    with mimo_ray.Trainer(cfg, mimo_config=spec, data=batches) as trainer:
-        straight = trainer.fit()["losses"]
-
-    killed = []
-
-    def kill_lm(step: int):
-        if step != 2 or killed:
-            return None
-        names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)]
-        victim = sorted(n for n in names if n.startswith("mimo/lm") and "/0.g" in n)[-1]
-        ray.kill(ray.get_actor(victim), no_restart=True)
-        killed.append(victim)
-        return f"killed {victim}"
-
-    cfg_k = _depth_cfg(tmp_path / "k", "disaggregated", steps=4, step_timeout_s=60.0)
-    with mimo_ray.Trainer(cfg_k, mimo_config=spec, data=batches, on_step_start=kill_lm) as trainer:
-        recovered = trainer.fit()
-    assert len(recovered["recoveries"]) == 1 and recovered["recoveries"][0]["resumed_step"] == 2
-    assert _rel(recovered["losses"], straight) <= REL
-    # Resume the straight run to 6 steps with the same spec: steps 5-6 continue from its checkpoint.
-    cfg_r = _depth_cfg(tmp_path, "disaggregated", steps=6, step_timeout_s=60.0, overwrite=False, resume=True)
-    with mimo_ray.Trainer(cfg_r, mimo_config=spec, data=batches) as trainer:
-        resumed = trainer.fit()
-    assert resumed["steps"] == 6 and resumed["losses"][:4] == straight
 
 
 def test_text_only_model_trains_in_both_runtimes_and_generate_equals_infer_job(ray_local, tmp_path):
@@ -151,7 +149,8 @@ def _run_example(name: str, *args: str) -> str:
 
 
 def test_example_custom_modality_learns_and_answers(tmp_path):
-    out = _run_example("custom_modality", "--steps", "30", "--out", str(tmp_path / "depth"))
+    # Fused: the same script and spec run disaggregated in the test above (5 steps there; 30 to learn here).
+    out = _run_example("custom_modality", "--steps", "30", "--runtime", "fused", "--out", str(tmp_path / "depth"))
     assert "trained 30 steps" in out and "near map -> 'near'; far map -> 'far'" in out, out[-2000:]
 
 
