@@ -2,11 +2,12 @@
 `jobs/train.py` submitted with `ray job submit` (the SDK client, and the `ray job submit` command line).
 
 One cluster, one job (the cluster and the job are the slowest part of the suite, so one job checks all of this):
-the pools scale up for the stage placement groups and decode tasks, every actor and decode task runs on its pool;
-after the first checkpoint the LM node is killed: the autoscaler replaces it, the driver's recovery waits for the new
-node and rebuilds the groups from the latest checkpoint, the final loss equals an uninterrupted run's (the fused
-runtime in the test process, equal to the disaggregated one within LOSS_RTOL: test_train_job), and the idle GPU pools
-scale down after the job.
+the pools scale up for the stage placement groups and decode tasks, every actor and decode task runs on its pool (the
+LM's TP=2 group on the LM node, the encoder on the encoder node, collate and decode on the decode node, nothing on
+the head); after the first checkpoint the LM node is killed: the autoscaler replaces it, the driver's recovery waits
+for the new node and rebuilds the groups from the latest checkpoint, the final loss equals an uninterrupted run's
+(the fused runtime in the test process, within LOSS_RTOL), and the idle GPU pools scale down after the job. The step
+exactness of each layout on one node is tests/exactness (C3); here the layout spans nodes.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ def _entrypoint(data: Path, out: Path, python: str = sys.executable) -> str:
         "'parallel.encoder_resources={encoder_gpu: 1}'", "'parallel.lm_resources={lm_gpu: 1}'",
         "parallel.decode_resource=cpu_decode", "parallel.placement_timeout_s=240", "train.ckpt_interval=1",
         "train.step_timeout_s=120", "train.recovery_timeout_s=600", "train.max_failures=2", "data.num_decode_workers=2",
+        "parallel.lm_tp=2",  # a TP group of two actors on the LM pool's node, gloo between them
     ]  # fmt: skip
     return f"{python} {ROOT / 'jobs' / 'train.py'} " + " ".join(flags)
 
@@ -226,14 +228,14 @@ def test_pools_scale_for_the_job_and_a_lost_lm_node_is_replaced(tmp_path, synthe
         # lost LM bundle only. The report itself is checked deterministically in test_demand.
         after_failure = log[log.index("rebuilding all groups from latest") :]
         waits = [line for line in after_failure.splitlines() if "[driver] waiting for" in line]
-        assert all("[driver] waiting for 1 bundle of pool lm_gpu (lm) (" in line for line in waits), waits
+        assert all("[driver] waiting for 2 bundles of pool lm_gpu (lm) (" in line for line in waits), waits
         assert not [f for f in summary["failures"] if "recovery after" in f], dumps(summary)
         seen = cluster.nodes()
         assert seen[victim].alive is False
         lm_after = {n for n, i in seen.items() if i.pool == "lm_gpu"} - {victim}
         assert len(lm_after) >= 1, dumps(seen)  # a new LM node
         placed = _placements(cluster, job)
-        assert set(placed["lm"]) == {"lm_gpu"} and len(placed["lm"]) >= 2, dumps(placed)  # before + after
+        assert set(placed["lm"]) == {"lm_gpu"} and len(placed["lm"]) >= 4, dumps(placed)  # 2 ranks, before + after
         assert set(placed["encoder-shared"]) == {"encoder_gpu"}, dumps(placed)
         assert set(placed["collate"]) == {"cpu_decode"}, dumps(placed)
         assert placed["decode"] and set(placed["decode"]) == {"cpu_decode"}, dumps(placed)
