@@ -148,10 +148,21 @@ def _run_example(name: str, *args: str) -> str:
     return proc.stdout
 
 
-def test_example_custom_modality_learns_and_answers(tmp_path):
+def _run_example_here(module, capsys, monkeypatch, *args: str) -> str:
+    """The example's ``main()`` in this process (the session's Ray, which the API leaves running); its stdout.
+    test_example_train_manifest_from_python runs a script as a user does, with its own embedded Ray."""
+    monkeypatch.setattr(sys, "argv", [f"{module.__name__}.py", *args])
+    capsys.readouterr()
+    module.main()
+    return capsys.readouterr().out
+
+
+def test_example_custom_modality_learns_and_answers(ray_local, tmp_path, depth, capsys, monkeypatch):
     # Fused: the same script and spec run disaggregated in the test above (5 steps there; 30 to learn here).
-    out = _run_example("custom_modality", "--steps", "30", "--runtime", "fused", "--out", str(tmp_path / "depth"))
+    out = _run_example_here(depth, capsys, monkeypatch, "--steps", "30", "--runtime", "fused", "--out",
+                            str(tmp_path / "depth"))  # fmt: skip
     assert "trained 30 steps" in out and "near map -> 'near'; far map -> 'far'" in out, out[-2000:]
+    assert ray.is_initialized()  # the API shut down no Ray it did not start
 
 
 def test_example_train_manifest_from_python(tmp_path):
@@ -162,7 +173,7 @@ def test_example_train_manifest_from_python(tmp_path):
     assert len(answers) == 4, out[-2000:]
 
 
-def test_example_hf_lm_prompt(tmp_path):
+def test_example_hf_lm_prompt(ray_local, tmp_path, capsys, monkeypatch):
     import transformers
 
     from tests.hf_tiny import llama_config, make_tokenizer, randomize_
@@ -170,6 +181,6 @@ def test_example_hf_lm_prompt(tmp_path):
     lm_dir = tmp_path / "hf_llama"
     randomize_(transformers.LlamaForCausalLM(llama_config())).save_pretrained(lm_dir)
     make_tokenizer(lm_dir)
-    out = _run_example("hf_lm_prompt", "--lm", str(lm_dir), "--out", str(tmp_path / "run"), "--prompt",
-                       "the cat sat on", "--max-new-tokens", "4")
+    out = _run_example_here(_example("hf_lm_prompt"), capsys, monkeypatch, "--lm", str(lm_dir), "--out",
+                            str(tmp_path / "run"), "--prompt", "the cat sat on", "--max-new-tokens", "4")
     assert "(modalities [], 2 layers)" in out and "'the cat sat on' -> '" in out, out[-2000:]

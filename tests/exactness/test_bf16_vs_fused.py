@@ -17,7 +17,8 @@ EXACT = {"loss": 1e-6, "grad_norm": 1e-6, "grads": 1e-6, "params_end": 1e-6}
 # One modality alone is covered in fp32 (test_disaggregated_vs_fused.py); in bf16 the two-modality case runs the
 # same kernels on both encoders.
 CASES = {
-    "two_modalities": ([], EXACT),
+    # (Both layouts on one rank each are not a case of their own: enc_dp2_to_lm_dp1 runs the same two-modality model
+    # with the LM side on one rank, and lm_tp2 / fp16 the encoder side on one rank.)
     "lm_tp2": (["parallel.lm_tp=2"], {"loss": 1e-3, "grad_norm": 1e-2, "grads": 0.1, "params_end": None}),
     "enc_dp2_to_lm_dp1": (["parallel.encoder_dp=2"], EXACT),
     # fp16 with dynamic loss scaling: every group scales its backward by the same scale and skips the same steps.
