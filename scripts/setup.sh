@@ -56,6 +56,8 @@ check_cpu_torch() {
   echo "[setup] torch $found: CPU build"
 }
 
+# --no-compile: pip would byte-compile every module of torch, ray, megatron and transformers (~25 s of a 2-core
+# machine's set-up); Python compiles the modules actually imported on first use and caches them in .venv.
 if [ -z "$DRY" ] && [ -f "$stamp" ] && [ "$stamp" -nt pyproject.toml ]; then
   exit 0
 fi
@@ -63,7 +65,7 @@ if "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'
   echo "[setup] system torch has CUDA: keeping it"
   run "$PY" -m venv --system-site-packages .venv
   run "$VPY" -m pip install -q --upgrade pip
-  run "$VPY" -m pip install -q -e '.[test]'
+  run "$VPY" -m pip install -q --no-compile -e '.[test]'
 else
   if [ "${TORCH_INDEX_URL+set}" = set ]; then
     index=$TORCH_INDEX_URL
@@ -83,8 +85,8 @@ else
   run "$PY" -m venv .venv
   run "$VPY" -m pip install -q --upgrade pip
   # torch first (or in the same resolve) so megatron-core's torch>=2.6 is met by the CPU wheel.
-  run "$VPY" -m pip install -q "${torch_args[@]}"
-  run "$VPY" -m pip install -q -e '.[cpu,test]'
+  run "$VPY" -m pip install -q --no-compile "${torch_args[@]}"
+  run "$VPY" -m pip install -q --no-compile -e '.[cpu,test]'
   check_cpu_torch
 fi
 if [ -n "$DRY" ]; then

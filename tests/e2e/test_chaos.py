@@ -1,7 +1,7 @@
 """Chaos: one disaggregated run on real clips in which the driver kills, at seeded random steps, an encoder actor, an
 LM actor, the collate actor and a decode worker, and tears one checkpoint save half-way. The run must end on the loss
-of an uninterrupted run, train on exactly the same sample ids step by step (none twice, none skipped), and list every
-failure it recovered from in its summary."""
+of an uninterrupted (fused) run, train on exactly the same sample ids step by step (none twice, none skipped), and
+list every failure it recovered from in its summary."""
 
 import json
 import os
@@ -25,12 +25,13 @@ from mimo_ray.runtime.disaggregated import DisaggregatedRuntime  # noqa: E402
 STEPS = 10
 
 
-def _cfg(data: Path, out: Path):
+def _cfg(data: Path, out: Path, runtime: str = "disaggregated"):
     return load_config(
         "tiny",
         [
             "--data-path", str(data / "train.jsonl"), "--max-steps", str(STEPS), "--output-dir", str(out),
             "train.ckpt_interval=2", "train.max_failures=8", "train.step_timeout_s=120", "model.lm.seq_length=128",
+            f"train.runtime={runtime}",
         ],
     )  # fmt: skip
 
@@ -86,8 +87,10 @@ def clips(tmp_path_factory, ray_local, synthetic_module):
 
 
 def test_chaos_run_ends_on_the_straight_loss_with_the_same_samples(clips, monkeypatch):
+    # The uninterrupted run is fused: the same driver, data plan and weights, and equal to a disaggregated run
+    # (C3, tests/exactness; test_train_job end to end), without starting a second set of actors.
     straight = clips / "straight"
-    with TrainLoop.build(_cfg(clips / "data", straight)) as loop:
+    with TrainLoop.build(_cfg(clips / "data", straight, "fused")) as loop:
         ref = loop.run()
     assert ref["steps"] == STEPS and not ref["failures"]
 

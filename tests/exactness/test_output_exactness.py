@@ -21,8 +21,8 @@ CASES = {
     # decoders then convolve 4 samples at once instead of 2 (another summation order, as in the C3 re-split case),
     # and AdamW's normalisation magnifies that on near-zero gradients.
     "outputs_resplit_lm_dp2": (["parallel.lm_dp=2", "parallel.lm_micro_batch_size=4"], 1e-5, 1e-4),
-    # The decoders in their own actor group: generation-token states go LM → decoder group, their grads come back.
-    "outputs_decoder_group": (["parallel.decoder_placement=group"], 1e-6, 1e-6),
+    # The decoders in their own actor group: generation-token states go LM → decoder group, their grads come back
+    # (fp32 with LM TP=2 here, on one LM rank in the bf16 case below, at the fp32 case's tolerance).
     "outputs_decoder_group_lm_tp2": (["parallel.decoder_placement=group", "parallel.lm_tp=2"], 1e-5, 1e-3),
     # LM tensor-parallel over 2 ranks: the generation-token states come out of a TP all-reduce (C3's TP tolerance
     # for step 1; measured 7.2e-7). After AdamW's second step the parameters differ by 1.8e-4 relative (measured):
