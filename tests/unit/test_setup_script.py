@@ -113,8 +113,8 @@ def test_cpu_machine_takes_torch_from_the_cpu_index_when_it_answers(checkout, cp
     assert code == 0, out
     assert pip_lines(out) == [
         "+ .venv/bin/python -m pip install -q --upgrade pip",
-        f"+ .venv/bin/python -m pip install -q --no-compile --index-url {cpu_index} torch==2.13.0",
-        "+ .venv/bin/python -m pip install -q --no-compile -e .\\[cpu\\,test\\]",
+        f"+ .venv/bin/python -m pip install -q --index-url {cpu_index} torch==2.13.0",
+        "+ .venv/bin/python -m pip install -q -e .\\[cpu\\,test\\]",
     ]
     assert "+ check: .venv/bin/python has torch 2.13.0 with torch.version.cuda None" in out
     assert not (checkout / ".venv").exists()  # a dry run makes nothing
@@ -124,19 +124,17 @@ def test_cpu_machine_without_the_cpu_index_uses_pips_own_configuration(checkout,
     code, out, _ = run_setup(checkout, "cpu", dead_index)
     assert code == 0, out
     assert f"{dead_index} does not answer" in out
-    assert "+ .venv/bin/python -m pip install -q --no-compile torch==2.13.0" in pip_lines(out)
+    assert "+ .venv/bin/python -m pip install -q torch==2.13.0" in pip_lines(out)
     assert "--index-url" not in out
 
 
 def test_torch_index_url_overrides_the_probe(checkout, cpu_index) -> None:
     code, out, _ = run_setup(checkout, "cpu", cpu_index, TORCH_INDEX_URL="https://mirror.invalid/cpu")
     assert code == 0, out
-    assert "+ .venv/bin/python -m pip install -q --no-compile --index-url https://mirror.invalid/cpu torch==2.13.0" in (
-        out
-    )
+    assert "+ .venv/bin/python -m pip install -q --index-url https://mirror.invalid/cpu torch==2.13.0" in out
     code, out, _ = run_setup(checkout, "cpu", cpu_index, TORCH_INDEX_URL="")  # set but empty: plain pip
     assert code == 0, out
-    assert "+ .venv/bin/python -m pip install -q --no-compile torch==2.13.0" in pip_lines(out)
+    assert "+ .venv/bin/python -m pip install -q torch==2.13.0" in pip_lines(out)
     assert "--index-url" not in out
 
 
@@ -147,7 +145,7 @@ def test_a_cuda_torch_with_a_gpu_is_kept_and_no_cpu_wheel_is_asked_for(checkout,
     assert "--system-site-packages" in out
     assert pip_lines(out) == [
         "+ .venv/bin/python -m pip install -q --upgrade pip",
-        "+ .venv/bin/python -m pip install -q --no-compile -e .\\[test\\]",
+        "+ .venv/bin/python -m pip install -q -e .\\[test\\]",
     ]
     assert "torch==" not in out and "--index-url" not in out and "[cpu" not in out.replace("\\", "")
 
@@ -158,8 +156,7 @@ def test_a_cuda_torch_installed_on_a_cpu_machine_fails_loudly(checkout, dead_ind
     assert code == 1
     assert "ERROR: the torch installed in .venv is a CUDA build (2.13.0 12.8), not the CPU wheel" in out
     assert "TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu bash scripts/setup.sh" in out
-    assert pips == ["pip install -q --upgrade pip", "pip install -q --no-compile torch==2.13.0",
-                    "pip install -q --no-compile -e .[cpu,test]"]
+    assert pips == ["pip install -q --upgrade pip", "pip install -q torch==2.13.0", "pip install -q -e .[cpu,test]"]
     assert not (checkout / ".venv" / ".mimo_ray-installed").exists()  # not marked installed: the next run retries
 
 
