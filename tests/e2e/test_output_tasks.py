@@ -89,7 +89,8 @@ def test_generated_images_and_tones_follow_the_prompt(ray_local, tasks, tmp_path
     assert np.mean(losses[-20:]) < 0.05 * np.mean(losses[:5])
 
     preds_path = tmp_path / "preds.jsonl"
-    infer_summary = _infer(tmp_path / "run", summary["val_out_manifest"], preds_path, "disaggregated")
+    # Fused inference: the disaggregated one writes the same files (test_jobs_disaggregated_equal_fused).
+    infer_summary = _infer(tmp_path / "run", summary["val_out_manifest"], preds_path, "fused")
     val = _rows(summary["val_out_manifest"])
     preds = _rows(preds_path)
     assert [p["id"] for p in preds] == [r["id"] for r in val]
