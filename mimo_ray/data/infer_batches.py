@@ -28,7 +28,7 @@ from mimo_ray.data.collate import MODALITY_COLUMNS, BatchLayout, bad_row_of
 from mimo_ray.data.decode_hooks import concat_user_media, unpack_user_media
 from mimo_ray.data.manifest import media_folders, read_manifest
 from mimo_ray.data.quarantine import BadBudget, QuarantineLog, quarantine_path
-from mimo_ray.data.ray_dataset import closing_iter, decode_dataset, ensure_ray
+from mimo_ray.data.ray_dataset import closing_iter, decode_dataset, ensure_ray, iter_batches_ending_gently
 from mimo_ray.data.sample_media import from_transport
 from mimo_ray.data.tokenizer import ChatTokenizer
 
@@ -137,7 +137,8 @@ def iter_prompt_batches(
     good: list[dict[str, Any]] = []
     bad: list[dict[str, str]] = []
     held: Batch | None = None
-    with closing_iter(ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2)) as tables:
+    batches = iter_batches_ending_gently(ds, batch_size=None, batch_format="pyarrow", prefetch_batches=2)
+    with closing_iter(batches) as tables:
         for table in tables:
             for row in table.to_pylist():
                 if row["ok"]:

@@ -58,6 +58,7 @@ from mimo_ray.data.ray_dataset import (
     decode_dataset,
     decode_pool,
     ensure_ray,
+    iter_batches_ending_gently,
     pool_remote_args,
 )
 from mimo_ray.data.ray_dataset import DECODE_POOL as DECODE_POOL
@@ -414,7 +415,8 @@ class ManifestDataSource(MicroBatchCursor):
             ds = decode_dataset(
                 [plan], self._opts, self.cfg, logical_cpus=not self.finite, reserved_cpus=self.reserved_cpus
             )
-            with closing_iter(ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2)) as blocks:
+            batches = iter_batches_ending_gently(ds, batch_size=None, batch_format="pyarrow", prefetch_batches=2)
+            with closing_iter(batches) as blocks:
                 for table in blocks:
                     yield from batcher.add(table)
             if self.finite:

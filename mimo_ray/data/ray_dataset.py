@@ -43,6 +43,27 @@ def closing_iter(iterable: Any) -> Iterator[Iterator[Any]]:
             close()
 
 
+def iter_batches_ending_gently(ds: Any, **kwargs: Any) -> Any:
+    """``ds.iter_batches(**kwargs)`` whose early end (a ``break``, :func:`closing_iter`) stops the dataset's executor
+    without force.
+
+    Ray Data's own iterator ends an unfinished iteration with ``executor.shutdown(force=True)``, which force-cancels
+    the running tasks; in Ray 2.60 a force-cancel that races with the task's own reply aborts the calling process in
+    the core worker (``task_manager.cc: Check failed: it != submissible_tasks_.end()``: the whole test session
+    died on it once in five suite runs; the driver of a training or inference job would die the same way). A shutdown
+    without force cancels them gently (the task sees ``KeyboardInterrupt``), which takes the other path. Only the
+    driver-side iterators made here change; streaming_split shards end through their coordinator actor.
+    """
+    from ray.data._internal.iterator.iterator_impl import DataIteratorImpl
+
+    class _GentleEnd(DataIteratorImpl):
+        def _on_iteration_end(self, executor: Any) -> None:
+            if executor is not None:
+                executor.shutdown(force=False)
+
+    return _GentleEnd(ds).iter_batches(**kwargs)
+
+
 def settle_ray_data_threads(timeout_s: float = 30.0) -> list[str]:
     """Collect dropped iterators and wait (bounded) for Ray Data's iterator threads (``iter_threaded``) to end.
 

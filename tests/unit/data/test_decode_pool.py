@@ -68,3 +68,35 @@ def test_closing_iter_closes_the_generator_ray_data_made(ray_local):
     with closing_iter(ds.iter_rows()) as rows:  # ``iter_rows`` too; a full pass ends the same way
         assert sum(1 for _ in rows) == 40
     assert inspect.getgeneratorstate(rows) == inspect.GEN_CLOSED
+
+
+def test_an_early_end_stops_the_executor_without_force_cancelling_running_tasks(ray_local, monkeypatch):
+    """Ray Data's own early end force-cancels running tasks, which can abort the driver in Ray 2.60's core worker
+    (a cancel racing with the task's reply); ours shuts the executor down gently, and the tasks still end."""
+    import time
+
+    from ray.data._internal.execution.streaming_executor import StreamingExecutor
+
+    from mimo_ray.data.ray_dataset import closing_iter, iter_batches_ending_gently
+
+    forces: list[bool] = []
+    real = StreamingExecutor.shutdown
+
+    def spy(self, force, exception=None):
+        forces.append(force)
+        return real(self, force, exception)
+
+    monkeypatch.setattr(StreamingExecutor, "shutdown", spy)
+
+    def slow(batch):
+        time.sleep(0.5)
+        return batch
+
+    ds = ray.data.range(40, override_num_blocks=8).map_batches(slow, batch_size=None)
+    with closing_iter(iter_batches_ending_gently(ds, batch_size=None, prefetch_batches=2)) as gentle:
+        assert len(next(gentle)["id"]) == 5  # the other tasks are still running or queued
+    assert forces and not any(forces), forces
+    forces.clear()
+    with closing_iter(ds.iter_batches(batch_size=None, prefetch_batches=2)) as plain:  # what Ray Data itself does
+        next(plain)
+    assert True in forces, forces
