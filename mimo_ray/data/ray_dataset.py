@@ -6,6 +6,7 @@ The CPUs the stage actors hold are passed in as a value (``reserved_cpus``) by t
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -54,14 +55,22 @@ def iter_batches_ending_gently(ds: Any, **kwargs: Any) -> Any:
     without force cancels them gently (the task sees ``KeyboardInterrupt``), which takes the other path. Only the
     driver-side iterators made here change; streaming_split shards end through their coordinator actor.
     """
+    return _gentle_end_iterator_class()(ds).iter_batches(**kwargs)
+
+
+@functools.cache
+def _gentle_end_iterator_class() -> type:
+    """Ray Data's plain dataset iterator with a shutdown without force at an early end (made once, on first use:
+    importing Ray Data here would load it into every process that imports this module).
+    """
     from ray.data._internal.iterator.iterator_impl import DataIteratorImpl
 
-    class _GentleEnd(DataIteratorImpl):
+    class GentleEndIterator(DataIteratorImpl):
         def _on_iteration_end(self, executor: Any) -> None:
             if executor is not None:
                 executor.shutdown(force=False)
 
-    return _GentleEnd(ds).iter_batches(**kwargs)
+    return GentleEndIterator
 
 
 def settle_ray_data_threads(timeout_s: float = 30.0) -> list[str]:

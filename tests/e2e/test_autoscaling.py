@@ -1,5 +1,5 @@
 """`ray_cluster.yaml` for real: an autoscaling cluster made from it (Ray's fake multi-node provider, NOTES §9), and
-`jobs/train.py` submitted with `ray job submit` (the SDK client, and the `ray job submit` command line).
+`jobs/train.py` submitted with the `ray job submit` command line (and watched with the SDK client).
 
 One cluster, one job (the cluster and the job are the slowest part of the suite, so one job checks all of this):
 the pools scale up for the stage placement groups and decode tasks, every actor and decode task runs on its pool (the
@@ -38,7 +38,8 @@ def _make_data(root: Path, module) -> Path:
     return root / "train.jsonl"
 
 
-def _entrypoint(data: Path, out: Path, python: str = sys.executable) -> str:
+def _entrypoint(data: Path, out: Path) -> str:
+    """``python jobs/train.py ...`` as a user submits it (``python`` is the job's own interpreter on the cluster)."""
     flags = [
         "--preset tiny", f"--max-steps {STEPS}", f"--output-dir {out}", f"--data-path {data}",
         "'parallel.encoder_resources={encoder_gpu: 1}'", "'parallel.lm_resources={lm_gpu: 1}'",
@@ -46,7 +47,7 @@ def _entrypoint(data: Path, out: Path, python: str = sys.executable) -> str:
         "train.step_timeout_s=120", "train.recovery_timeout_s=600", "train.max_failures=2", "data.num_decode_workers=2",
         "parallel.lm_tp=2",  # a TP group of two actors on the LM pool's node, gloo between them
     ]  # fmt: skip
-    return f"{python} {ROOT / 'jobs' / 'train.py'} " + " ".join(flags)
+    return f"python {ROOT / 'jobs' / 'train.py'} " + " ".join(flags)
 
 
 def _cli_submit(cluster: FakeCluster, entrypoint: str) -> str:
@@ -69,22 +70,17 @@ def _cli_submit(cluster: FakeCluster, entrypoint: str) -> str:
 
 
 class Job:
-    """A submitted job, watched: node ids per pool seen while it runs, when each pool first had a live node.
+    """A job submitted with the ``ray job submit`` command line and watched with the SDK ``client``: node ids per
+    pool seen while it runs, when each pool first had a live node."""
 
-    ``cli``: submit with the ``ray job submit`` command line (``--working-dir .``) instead of the SDK client.
-    """
-
-    def __init__(self, cluster: FakeCluster, client, entrypoint: str, cli: bool = False):
+    def __init__(self, cluster: FakeCluster, client, entrypoint: str):
         self.cluster = cluster
         self.client = client
         self.t_submit = time.monotonic()
         deadline = self.t_submit + 180
         while True:  # the job agent can come up many seconds after the dashboard answers (a loaded box)
             try:
-                if cli:
-                    self.submission_id = _cli_submit(cluster, entrypoint)
-                else:
-                    self.submission_id = client.submit_job(entrypoint=entrypoint)
+                self.submission_id = _cli_submit(cluster, entrypoint)
                 self.t_submit = time.monotonic()  # times below count from the accepted submission
                 break
             except (RuntimeError, OSError) as err:  # "No available agent", or the request dropped meanwhile
@@ -187,7 +183,7 @@ def test_pools_scale_for_the_job_and_a_lost_lm_node_is_replaced(tmp_path, synthe
         client = JobSubmissionClient(cluster.address)
         # Submitted with the command line, as a user does: `ray job submit -- python jobs/train.py ...`.
         out = tmp_path / "run"
-        job = Job(cluster, client, _entrypoint(data, out, "python"), cli=True)
+        job = Job(cluster, client, _entrypoint(data, out))
         metrics = out / "metrics.jsonl"
         status = job.wait(until=lambda: (out / "checkpoints" / "latest").exists() and metrics.exists())
         assert status is None, f"the job ended ({status}) before its first checkpoint:\n{job.logs()}"
